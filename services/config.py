@@ -1,0 +1,43 @@
+"""All configuration in one pydantic-settings class; every field can be set by environment.
+
+Names follow DESIGN.md section 7 (REDIS_URL, IAT_MODEL_DIR, ...). Services take a
+``Settings`` instance as a typed dependency rather than reading the environment themselves.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IAT_", extra="ignore")
+
+    # Store. Unset REDIS_URL: an embedded redis-server is started by the library.
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "IAT_REDIS_URL")
+    )
+    key_prefix: str = "iat"
+    retention_days: float = Field(default=30.0, gt=0)
+    max_sequence_length: int = Field(default=1024, gt=0, description="Lmax kept per user")
+    stream_maxlen: int = Field(default=1_000_000, gt=0)
+
+    # Models and data.
+    model_dir: Path = Path("artifacts/models")
+    data_dir: Path = Path("../shared/data")
+    runtime: str = Field(default="torchscript", pattern="^(torchscript|aoti|eager)$")
+    device: str = "auto"
+
+    # Network. Loopback unless told otherwise.
+    host: str = "127.0.0.1"
+    ranking_grpc_port: int = 50051
+    ranking_http_port: int = 8000
+    source_http_port: int = 8001
+    sequencer_http_port: int = 8002
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Redis stores: instance records, sequences, stream, codecs, cluster. Knows nothing of PyTorch modules."""
