@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     runtime: str = Field(default="torchscript", pattern="^(torchscript|aoti|eager)$")
     device: str = "auto"
 
+    # Ranking.
+    max_candidates: int = Field(default=2000, gt=0)
+    history_delay_ms: int = Field(default=0, ge=0, description="history must be this much older than the request")
+    degrade_on_store_error: bool = False
+
     # Network. Loopback unless told otherwise.
     host: str = "127.0.0.1"
     ranking_grpc_port: int = 50051

@@ -1,0 +1,68 @@
+"""Every Prometheus metric the services export, defined in one place.
+
+Names are part of the SRE contract (dashboards and alerts read them): change them only with
+a reason stated. Each service process imports this module once; metrics of services that a
+process does not run simply stay at zero.
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Latency buckets from 100 us to 2.5 s: Score p99 budgets are tens of ms.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025,
+    0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
+SIZE_BUCKETS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+# --- ranking -------------------------------------------------------------------------
+SCORE_LATENCY = Histogram(
+    "iat_ranking_request_seconds", "Score latency end to end, by protocol and status",
+    ["protocol", "status"], buckets=LATENCY_BUCKETS,
+)
+SCORE_STAGE_LATENCY = Histogram(
+    "iat_ranking_stage_seconds", "Score latency per stage (fetch, assemble, model, total)",
+    ["stage"], buckets=LATENCY_BUCKETS,
+)
+HISTORY_LENGTH = Histogram(
+    "iat_ranking_history_length", "History instances used per request after truncation",
+    buckets=SIZE_BUCKETS,
+)
+CANDIDATES = Histogram(
+    "iat_ranking_candidates", "Candidates per Score request", buckets=SIZE_BUCKETS,
+)
+MODEL_INFO = Gauge(
+    "iat_ranking_model_info", "Loaded models (value 1), with version and source-model version",
+    ["model", "version", "source_version", "runtime", "device"],
+)
+DEGRADED = Counter(
+    "iat_ranking_degraded_total", "Requests scored with an empty history because the store failed",
+)
+MISSING_RECORDS = Counter(
+    "iat_ranking_missing_records_total", "Sequence members whose record was missing (expired)",
+)
+MODEL_RELOADS = Counter(
+    "iat_ranking_model_reloads_total", "Model (re)load attempts by outcome", ["model", "outcome"],
+)
+
+# --- source --------------------------------------------------------------------------
+INGEST_LATENCY = Histogram(
+    "iat_source_ingest_seconds", "POST /v1/instances latency", buckets=LATENCY_BUCKETS,
+)
+INSTANCES = Counter(
+    "iat_source_instances_total", "Instances by outcome (accepted, rejected)", ["outcome"],
+)
+INGEST_BATCH_SIZE = Histogram(
+    "iat_source_batch_size", "Instances per model forward after coalescing", buckets=SIZE_BUCKETS,
+)
+
+# --- sequencer -----------------------------------------------------------------------
+SEQUENCER_APPENDED = Counter(
+    "iat_sequencer_appended_total", "Stream entries appended to user sequences",
+)
+SEQUENCER_REDELIVERIES = Counter(
+    "iat_sequencer_redeliveries_total", "Pending entries claimed again from a dead consumer",
+)
+STREAM_LAG = Gauge(
+    "iat_stream_lag", "Entries in the stream not yet delivered to the consumer group",
+)

@@ -1,0 +1,1 @@
+"""The ranking service: gRPC `Score` and its REST twin, one serving object behind both."""

@@ -1,0 +1,180 @@
+"""Typed messages of a Score call and the one validator both protocols go through.
+
+gRPC messages and REST JSON are converted into a `ScoreQuery`, validated by
+`validate_query`, served, and the `ScoreResult` converted back. Keeping one validator is
+what makes the two protocols reject the same requests with the same field names.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from iat.ranking.v1 import ranking_pb2
+from services.ranking.errors import InvalidRequest, TooManyCandidates
+
+MAX_ID_LENGTH = 512
+MAX_FEATURES = 256
+# Unix ms bounds: after 1970 and before the year 3000; anything else is a unit mistake.
+MAX_TIMESTAMP_MS = 32_503_680_000_000
+
+
+@dataclass(slots=True)
+class FeatureValues:
+    categorical: dict[str, str] = field(default_factory=dict)
+    numeric: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ScoreQuery:
+    request_id: str
+    user_id: str
+    request_time_ms: int
+    model: str
+    context: FeatureValues
+    item_ids: list[str]
+    candidate_features: list[FeatureValues]
+
+    @property
+    def num_candidates(self) -> int:
+        return len(self.item_ids)
+
+
+@dataclass(slots=True)
+class ScoreResult:
+    request_id: str
+    model: str
+    model_version: str
+    history_length: int
+    tasks: list[str]
+    scores: np.ndarray  # float32 [candidates, tasks], candidate order kept
+
+
+# --- REST twins of the proto messages ------------------------------------------------
+class FeaturesModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    categorical: dict[str, str] = Field(default_factory=dict)
+    numeric: dict[str, float] = Field(default_factory=dict)
+
+
+class CandidateModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: str
+    features: FeaturesModel = Field(default_factory=FeaturesModel)
+
+
+class ScoreRequestModel(BaseModel):
+    """JSON of ScoreRequest (same field names as the proto)."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = ""
+    user_id: str
+    request_time_ms: int
+    context: FeaturesModel = Field(default_factory=FeaturesModel)
+    candidates: list[CandidateModel] = Field(default_factory=list)
+    model: str = ""
+
+
+class ScoreResponseModel(BaseModel):
+    request_id: str
+    model: str
+    model_version: str
+    history_length: int
+    tasks: list[str]
+    scores: list[float]
+
+
+# --- conversions ---------------------------------------------------------------------
+def query_from_proto(msg: ranking_pb2.ScoreRequest) -> ScoreQuery:
+    return ScoreQuery(
+        request_id=msg.request_id,
+        user_id=msg.user_id,
+        request_time_ms=msg.request_time_ms,
+        model=msg.model,
+        context=FeatureValues(dict(msg.context.categorical), dict(msg.context.numeric)),
+        item_ids=[c.item_id for c in msg.candidates],
+        candidate_features=[
+            FeatureValues(dict(c.features.categorical), dict(c.features.numeric))
+            for c in msg.candidates
+        ],
+    )
+
+
+def query_from_model(req: ScoreRequestModel) -> ScoreQuery:
+    return ScoreQuery(
+        request_id=req.request_id,
+        user_id=req.user_id,
+        request_time_ms=req.request_time_ms,
+        model=req.model,
+        context=FeatureValues(dict(req.context.categorical), dict(req.context.numeric)),
+        item_ids=[c.item_id for c in req.candidates],
+        candidate_features=[
+            FeatureValues(dict(c.features.categorical), dict(c.features.numeric))
+            for c in req.candidates
+        ],
+    )
+
+
+def result_to_proto(res: ScoreResult) -> ranking_pb2.ScoreResponse:
+    return ranking_pb2.ScoreResponse(
+        request_id=res.request_id,
+        model=res.model,
+        model_version=res.model_version,
+        history_length=res.history_length,
+        tasks=res.tasks,
+        scores=res.scores.reshape(-1).tolist(),
+    )
+
+
+def result_to_model(res: ScoreResult) -> ScoreResponseModel:
+    return ScoreResponseModel(
+        request_id=res.request_id,
+        model=res.model,
+        model_version=res.model_version,
+        history_length=res.history_length,
+        tasks=res.tasks,
+        scores=res.scores.reshape(-1).tolist(),
+    )
+
+
+# --- validation ----------------------------------------------------------------------
+def _check_id(value: str, name: str, *, required: bool) -> None:
+    if required and not value:
+        raise InvalidRequest("must not be empty", name)
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidRequest(f"longer than {MAX_ID_LENGTH} characters", name)
+    if "\x00" in value:
+        raise InvalidRequest("contains a NUL character", name)
+
+
+def _check_features(values: FeatureValues, name: str) -> None:
+    if len(values.categorical) + len(values.numeric) > MAX_FEATURES:
+        raise InvalidRequest(f"more than {MAX_FEATURES} features", name)
+    for key, value in values.categorical.items():
+        _check_id(key, f"{name}.categorical", required=True)
+        _check_id(value, f"{name}.categorical[{key}]", required=False)
+    for key, value in values.numeric.items():
+        _check_id(key, f"{name}.numeric", required=True)
+        if not math.isfinite(value):
+            raise InvalidRequest("must be a finite number", f"{name}.numeric[{key}]")
+
+
+def validate_query(query: ScoreQuery, *, max_candidates: int) -> None:
+    """Raise InvalidRequest / TooManyCandidates naming the first offending field."""
+    _check_id(query.request_id, "request_id", required=False)
+    _check_id(query.user_id, "user_id", required=True)
+    _check_id(query.model, "model", required=False)
+    if not 0 < query.request_time_ms <= MAX_TIMESTAMP_MS:
+        raise InvalidRequest(
+            f"must be unix milliseconds in (0, {MAX_TIMESTAMP_MS}]", "request_time_ms"
+        )
+    if query.num_candidates > max_candidates:
+        raise TooManyCandidates(
+            f"{query.num_candidates} candidates, the limit is {max_candidates}", "candidates"
+        )
+    _check_features(query.context, "context")
+    for i, (item_id, feats) in enumerate(zip(query.item_ids, query.candidate_features)):
+        _check_id(item_id, f"candidates[{i}].item_id", required=True)
+        _check_features(feats, f"candidates[{i}].features")
