@@ -1,0 +1,341 @@
+"""Instance records and their compact binary format (one Redis string value per record).
+
+A record is a fixed 48-byte little-endian header followed by the payload:
+
+  offset size  field
+  0      1     format version (1)
+  1      1     codec id (0 fp32, 1 fp16, 2 int8; storage.codecs)
+  2      1     flags: bit0 has embedding, bit1 has codes, bit2 codes are uint16 (else uint8)
+  3      1     number of tasks the label bits refer to
+  4      2     dim d of the embedding (0 when absent)
+  6      2     code length m (0 when absent)
+  8      8     InsID (uint64)
+  16     8     timestamp, ms since the epoch (int64, >= 0)
+  24     8     hashed item id (int64; an unsigned hash is stored as its two's complement)
+  32     8     source-model version id: first 8 bytes of blake2b(version string), uint64
+  40     4     label-known bits: bit i set when task i has a label
+  44     4     label bits: bit i = label of task i (0/1)
+  48     ...   embedding payload (codec), then m codes (uint8 or uint16)
+
+Every record a store writes has the same size, so a reply of n joined records is decoded with one
+``np.frombuffer`` over a structured dtype; records of another layout (a codec change during a
+roll-out) are decoded one by one, and records of another dimension or code length are skipped and
+counted as incompatible.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from storage.codecs import Codec, CodecError
+
+FORMAT_VERSION = 1
+MAX_TASKS = 32
+UINT64_MAX = 2**64 - 1
+
+FLAG_EMBEDDING = 1
+FLAG_CODES = 2
+FLAG_CODES_UINT16 = 4
+
+HEADER_DTYPE = np.dtype(
+    [
+        ("version", "u1"),
+        ("codec", "u1"),
+        ("flags", "u1"),
+        ("n_tasks", "u1"),
+        ("dim", "<u2"),
+        ("code_len", "<u2"),
+        ("ins_id", "<u8"),
+        ("timestamp_ms", "<i8"),
+        ("item_hash", "<i8"),
+        ("source_version", "<u8"),
+        ("label_known", "<u4"),
+        ("label_bits", "<u4"),
+    ]
+)
+HEADER_BYTES = HEADER_DTYPE.itemsize
+assert HEADER_BYTES == 48
+
+
+class InvalidRecord(ValueError):
+    """A record (or sequence entry) that must not be written; ``field`` names what is wrong."""
+
+    def __init__(self, field: str, message: str, index: int | None = None) -> None:
+        self.field = field
+        self.index = index
+        where = f" (item {index})" if index is not None else ""
+        super().__init__(f"{field}: {message}{where}")
+
+
+def source_version_id(version: str) -> int:
+    """Stable 64-bit id of a source-model version string (what the header stores)."""
+    return int.from_bytes(hashlib.blake2b(version.encode(), digest_size=8).digest(), "little")
+
+
+@dataclass
+class InstanceRecord:
+    ins_id: int
+    user_id: str
+    timestamp_ms: int
+    embedding: np.ndarray | None = None  # float32 [d]
+    codes: np.ndarray | None = None  # uint8 or uint16 [m]
+    labels: dict[str, int] = field(default_factory=dict)  # task -> 0/1
+    item_hash: int = 0
+    source_version: str = ""
+
+
+def validate_user_id(user_id: object, index: int | None = None) -> str:
+    if not isinstance(user_id, str) or not user_id:
+        raise InvalidRecord("user_id", f"must be a non-empty string, got {user_id!r}", index)
+    return user_id
+
+
+def validate_ins_id(ins_id: object, index: int | None = None) -> int:
+    if isinstance(ins_id, (bool, float)) or not isinstance(ins_id, (int, np.integer)):
+        raise InvalidRecord("ins_id", f"must be an unsigned 64-bit int, got {ins_id!r}", index)
+    if not 0 <= int(ins_id) <= UINT64_MAX:
+        raise InvalidRecord("ins_id", f"{ins_id} is outside [0, 2**64)", index)
+    return int(ins_id)
+
+
+def validate_timestamp(timestamp_ms: object, index: int | None = None, name: str = "timestamp_ms") -> int:
+    if isinstance(timestamp_ms, (bool, float)) or not isinstance(timestamp_ms, (int, np.integer)):
+        raise InvalidRecord(name, f"must be an int (ms since the epoch), got {timestamp_ms!r}", index)
+    if int(timestamp_ms) < 0:
+        raise InvalidRecord(name, f"must be >= 0, got {timestamp_ms}", index)
+    if int(timestamp_ms) >= 2**53:
+        # Redis sorted-set scores are doubles: larger ints would lose precision.
+        raise InvalidRecord(name, f"must be < 2**53, got {timestamp_ms}", index)
+    return int(timestamp_ms)
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """What one store writes: embedding dim and codec, code length and dtype, task names."""
+
+    dim: int
+    codec: Codec
+    code_length: int = 0
+    code_dtype: np.dtype = np.dtype(np.uint16)
+    tasks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dim <= 65535:
+            raise ValueError(f"dim: must be in [0, 65535], got {self.dim}")
+        if not 0 <= self.code_length <= 65535:
+            raise ValueError(f"code_length: must be in [0, 65535], got {self.code_length}")
+        if np.dtype(self.code_dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+            raise ValueError(f"code_dtype: must be uint8 or uint16, got {self.code_dtype}")
+        if len(self.tasks) > MAX_TASKS or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks: at most {MAX_TASKS} distinct names, got {self.tasks}")
+
+    @property
+    def flags(self) -> int:
+        flags = FLAG_EMBEDDING if self.dim else 0
+        if self.code_length:
+            flags |= FLAG_CODES
+            if np.dtype(self.code_dtype) == np.uint16:
+                flags |= FLAG_CODES_UINT16
+        return flags
+
+    @property
+    def record_dtype(self) -> np.dtype:
+        fields = [(name, HEADER_DTYPE.fields[name][0]) for name in HEADER_DTYPE.names]
+        fields.append(("embedding", "u1", (self.codec.payload_bytes(self.dim) if self.dim else 0,)))
+        code_type = "<u2" if np.dtype(self.code_dtype) == np.uint16 else "u1"
+        fields.append(("codes", code_type, (self.code_length,)))
+        return np.dtype(fields)
+
+    @property
+    def record_bytes(self) -> int:
+        return self.record_dtype.itemsize
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def encode(self, records: Sequence[InstanceRecord]) -> list[bytes]:
+        """One bytes value per record; every record is validated before anything is returned."""
+        n = len(records)
+        out = np.zeros(n, dtype=self.record_dtype)
+        vectors = np.zeros((n, self.dim), dtype=np.float32)
+        task_bit = {task: 1 << i for i, task in enumerate(self.tasks)}
+        for i, rec in enumerate(records):
+            if not isinstance(rec, InstanceRecord):
+                raise InvalidRecord("record", f"expected InstanceRecord, got {type(rec).__name__}", i)
+            validate_user_id(rec.user_id, i)
+            out["ins_id"][i] = validate_ins_id(rec.ins_id, i)
+            out["timestamp_ms"][i] = validate_timestamp(rec.timestamp_ms, i)
+            out["item_hash"][i] = self._item_hash(rec.item_hash, i)
+            if not isinstance(rec.source_version, str):
+                raise InvalidRecord("source_version", f"must be a string, got {rec.source_version!r}", i)
+            out["source_version"][i] = source_version_id(rec.source_version)
+            known = bits = 0
+            if not isinstance(rec.labels, dict):
+                raise InvalidRecord("labels", f"must be a dict task -> 0/1, got {type(rec.labels).__name__}", i)
+            for task, value in rec.labels.items():
+                if task not in task_bit:
+                    raise InvalidRecord("labels", f"unknown task {task!r}; this store's tasks are {self.tasks}", i)
+                if isinstance(value, bool):
+                    value = int(value)
+                if not isinstance(value, (int, np.integer)) or value not in (0, 1):
+                    raise InvalidRecord("labels", f"label of {task!r} must be 0 or 1, got {value!r}", i)
+                known |= task_bit[task]
+                bits |= task_bit[task] if value else 0
+            out["label_known"][i] = known
+            out["label_bits"][i] = bits
+            vectors[i] = self._embedding(rec.embedding, i)
+            if self.code_length:
+                out["codes"][i] = self._codes(rec.codes, i)
+            elif rec.codes is not None:
+                raise InvalidRecord("codes", "this store keeps no codes (code_length=0)", i)
+        if self.dim:
+            try:
+                out["embedding"] = self.codec.encode(vectors)
+            except CodecError as exc:
+                raise InvalidRecord("embedding", str(exc)) from exc
+        out["version"] = FORMAT_VERSION
+        out["codec"] = self.codec.id
+        out["flags"] = self.flags
+        out["n_tasks"] = len(self.tasks)
+        out["dim"] = self.dim
+        out["code_len"] = self.code_length
+        raw = out.tobytes()
+        size = self.record_bytes
+        return [raw[i * size:(i + 1) * size] for i in range(n)]
+
+    @staticmethod
+    def _item_hash(value: object, index: int) -> int:
+        if isinstance(value, (bool, float)) or not isinstance(value, (int, np.integer)):
+            raise InvalidRecord("item_hash", f"must be an int, got {value!r}", index)
+        value = int(value)
+        if not -(2**63) <= value <= UINT64_MAX:
+            raise InvalidRecord("item_hash", f"{value} does not fit 64 bits", index)
+        return value - 2**64 if value >= 2**63 else value
+
+    def _embedding(self, embedding: object, index: int) -> np.ndarray:
+        if not self.dim:
+            if embedding is not None:
+                raise InvalidRecord("embedding", "this store keeps no embeddings (dim=0)", index)
+            return np.zeros(0, np.float32)
+        if embedding is None:
+            raise InvalidRecord("embedding", f"missing; this store needs a float vector of dim {self.dim}", index)
+        vector = np.asarray(embedding)
+        if vector.dtype.kind not in "fiu":
+            raise InvalidRecord("embedding", f"must be numeric, got dtype {vector.dtype}", index)
+        if vector.shape != (self.dim,):
+            raise InvalidRecord("embedding", f"wrong dimension: shape {vector.shape}, expected ({self.dim},)", index)
+        vector = vector.astype(np.float32)
+        if not np.isfinite(vector).all():
+            raise InvalidRecord("embedding", "has a NaN or inf value", index)
+        return vector
+
+    def _codes(self, codes: object, index: int) -> np.ndarray:
+        if codes is None:
+            raise InvalidRecord("codes", f"missing; this store needs {self.code_length} codes", index)
+        array = np.asarray(codes)
+        if array.dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+            raise InvalidRecord("codes", f"must be a uint8 or uint16 array, got dtype {array.dtype}", index)
+        if array.itemsize > np.dtype(self.code_dtype).itemsize:
+            raise InvalidRecord("codes", f"dtype {array.dtype} does not fit this store's {np.dtype(self.code_dtype)}", index)
+        if array.shape != (self.code_length,):
+            raise InvalidRecord("codes", f"wrong length: shape {array.shape}, expected ({self.code_length},)", index)
+        return array
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def decode(self, blob: bytes, count: int) -> "DecodedRecords":
+        """Columns of ``count`` records joined in ``blob`` (in order)."""
+        size = self.record_bytes
+        if count and len(blob) == count * size:
+            rows = np.frombuffer(blob, dtype=self.record_dtype, count=count)
+            if (
+                (rows["version"] == FORMAT_VERSION).all()
+                and (rows["codec"] == self.codec.id).all()
+                and (rows["flags"] == self.flags).all()
+                and (rows["dim"] == self.dim).all()
+                and (rows["code_len"] == self.code_length).all()
+            ):
+                return self._columns(rows, self.codec.decode(rows["embedding"], self.dim) if self.dim else None)
+        return self._decode_mixed(blob, count)
+
+    def _columns(self, rows: np.ndarray, embeddings: np.ndarray | None, incompatible: int = 0) -> "DecodedRecords":
+        n = len(rows)
+        n_tasks = len(self.tasks)
+        if n_tasks:
+            shifts = np.arange(n_tasks, dtype=np.uint32)
+            known = (rows["label_known"][:, None] >> shifts) & 1
+            value = (rows["label_bits"][:, None] >> shifts) & 1
+            labels = np.where(known == 1, value, -1).astype(np.int8)
+        else:
+            labels = np.zeros((n, 0), dtype=np.int8)
+        if embeddings is None:
+            embeddings = np.zeros((n, self.dim), dtype=np.float32)
+        codes = np.array(rows["codes"], dtype=self.code_dtype) if self.code_length else None
+        return DecodedRecords(
+            ins_ids=np.array(rows["ins_id"], dtype=np.uint64),
+            timestamps_ms=np.array(rows["timestamp_ms"], dtype=np.int64),
+            embeddings=embeddings,
+            codes=codes,
+            labels=labels,
+            item_hashes=np.array(rows["item_hash"], dtype=np.int64),
+            source_versions=np.array(rows["source_version"], dtype=np.uint64),
+            incompatible=incompatible,
+        )
+
+    def _decode_mixed(self, blob: bytes, count: int) -> "DecodedRecords":
+        """Slow path: walk records one by one (a layout change is under way)."""
+        mine = np.zeros(count, dtype=self.record_dtype)
+        vectors = np.zeros((count, self.dim), dtype=np.float32)
+        kept = 0
+        incompatible = 0
+        offset = 0
+        for _ in range(count):
+            if offset + HEADER_BYTES > len(blob):
+                raise ValueError("truncated record reply")
+            header = np.frombuffer(blob, dtype=HEADER_DTYPE, count=1, offset=offset)[0]
+            flags = int(header["flags"])
+            dim = int(header["dim"])
+            code_len = int(header["code_len"])
+            try:
+                codec = Codec.from_id(int(header["codec"]))
+            except ValueError:
+                raise ValueError(f"record with unknown codec id {int(header['codec'])}") from None
+            emb_bytes = codec.payload_bytes(dim) if flags & FLAG_EMBEDDING else 0
+            code_item = 2 if flags & FLAG_CODES_UINT16 else 1
+            code_bytes = code_len * code_item if flags & FLAG_CODES else 0
+            end = offset + HEADER_BYTES + emb_bytes + code_bytes
+            compatible = (
+                int(header["version"]) == FORMAT_VERSION
+                and dim == self.dim
+                and bool(flags & FLAG_EMBEDDING) == bool(self.dim)
+                and (code_len if flags & FLAG_CODES else 0) == self.code_length
+            )
+            if compatible:
+                for name in HEADER_DTYPE.names:
+                    mine[kept][name] = header[name]
+                start = offset + HEADER_BYTES
+                if self.dim:
+                    payload = np.frombuffer(blob, dtype=np.uint8, count=emb_bytes, offset=start)
+                    vectors[kept] = codec.decode(payload.reshape(1, -1), dim)[0]
+                if self.code_length:
+                    code_type = "<u2" if code_item == 2 else "u1"
+                    mine[kept]["codes"] = np.frombuffer(blob, dtype=code_type, count=code_len, offset=start + emb_bytes)
+                kept += 1
+            else:
+                incompatible += 1
+            offset = end
+        return self._columns(mine[:kept], vectors[:kept] if self.dim else None, incompatible)
+
+
+@dataclass
+class DecodedRecords:
+    ins_ids: np.ndarray  # uint64 [n]
+    timestamps_ms: np.ndarray  # int64 [n]
+    embeddings: np.ndarray  # float32 [n, d]
+    codes: np.ndarray | None  # [n, m]
+    labels: np.ndarray  # int8 [n, n_tasks]: 0/1, -1 unknown
+    item_hashes: np.ndarray  # int64 [n]
+    source_versions: np.ndarray  # uint64 [n]
+    incompatible: int = 0
