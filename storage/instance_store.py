@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 import redis
+import redis.cluster
 import redis.exceptions
 
 from storage.codecs import Codec
@@ -253,6 +254,42 @@ class InstanceStore(_StoreBase):
         values = self.client.mget([prefix + m for m in members])
         return self._two_trip_history(members, values, expected_source_version)
 
+    def _evalsha_pipelined(self, sha: str, calls: list[tuple]) -> list:
+        """EVALSHA per call in pipelines; replies (or exceptions) in call order.
+
+        redis-py's cluster pipeline refuses EVALSHA, so on a cluster the calls are grouped by the
+        primary that owns each user's slot and sent as one plain pipeline per node; a call that
+        hits a redirection (resharding under way) is retried alone through the cluster client.
+        """
+        if not isinstance(self.client, redis.cluster.RedisCluster):
+            pipe = self.client.pipeline(transaction=False)
+            for args in calls:
+                pipe.evalsha(sha, *args)
+            return pipe.execute(raise_on_error=False)
+        by_node: dict[str, list[int]] = defaultdict(list)
+        nodes = {}
+        for index, args in enumerate(calls):
+            node = self.client.get_node_from_key(args[1])
+            nodes[node.name] = node
+            by_node[node.name].append(index)
+        replies: list = [None] * len(calls)
+        for name, indices in by_node.items():
+            pipe = nodes[name].redis_connection.pipeline(transaction=False)
+            for index in indices:
+                pipe.evalsha(sha, *calls[index])
+            try:
+                node_replies = pipe.execute(raise_on_error=False)
+            except redis.exceptions.ConnectionError as exc:
+                node_replies = [exc] * len(indices)
+            for index, reply in zip(indices, node_replies):
+                if isinstance(reply, Exception) and not isinstance(reply, redis.exceptions.NoScriptError):
+                    try:
+                        reply = self.client.evalsha(sha, *calls[index])
+                    except redis.exceptions.RedisError as exc:
+                        reply = exc
+                replies[index] = reply
+        return replies
+
     def read_histories(
         self, user_ids: Sequence[str], befores_ms: Sequence[int], limit: int, expected_source_version: str | None = None
     ) -> list[History]:
@@ -269,11 +306,7 @@ class InstanceStore(_StoreBase):
         if not calls:
             return []
         for attempt in range(2):
-            sha = self._sha()
-            pipe = self.client.pipeline(transaction=False)
-            for args in calls:
-                pipe.evalsha(sha, *args)
-            replies = pipe.execute(raise_on_error=False)
+            replies = self._evalsha_pipelined(self._sha(), calls)
             if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies) or attempt:
                 break
             self._script_sha = None
