@@ -1,0 +1,313 @@
+"""Offline experiment: the paper's model rows trained and evaluated on one ``PreparedData``.
+
+Rows live in a registry so other modules add theirs without editing this file::
+
+    from models.experiment import register_row, RowResult
+    def my_row(data, seed, cfg) -> RowResult: ...
+    register_row("my_model", my_row)
+
+A row function trains on the train split, tunes (early stopping) on validation only, and
+returns probabilities for the validation and test rows (row order of
+``data.split_indices(1)`` / ``(2)``) per task, plus ``extra`` (anything JSON-able, copied into
+results.json). Source models are trained once per seed and shared between rows through
+``cfg.shared(key, factory)``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from models.base import BaseRanker, FeatureShape, ModelConfig
+from models.data import PreparedData
+from models.downstream import predict_downstream, train_downstream
+from models.features import feature_batch
+from models.metrics import task_metrics
+from models.source import (history_predict, insembs, train_temporal_source,
+                           train_user_order_source, two_pass_insembs)
+from models.training import TrainConfig, fit, predict, set_seed, shuffled_batches
+
+
+@dataclass
+class RowResult:
+    val_probs: np.ndarray    # float [n_val, T]
+    test_probs: np.ndarray   # float [n_test, T]
+    extra: dict = field(default_factory=dict)
+
+
+RowFn = Callable[[PreparedData, int, "ExperimentConfig"], RowResult]
+
+
+@dataclass
+class RowSpec:
+    name: str
+    fn: RowFn
+    default: bool = True  # run when no --rows are given
+    description: str = ""
+
+
+ROWS: dict[str, RowSpec] = {}
+
+
+def register_row(name: str, fn: RowFn, *, default: bool = True, description: str = "") -> None:
+    ROWS[name] = RowSpec(name, fn, default, description)
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source_window: int = 128   # SIT length in batch user-order training
+    threads: int = 2
+    _shared: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def quick(cls) -> "ExperimentConfig":
+        return cls(model=ModelConfig(seq_len=20, history_len=64),
+                   train=TrainConfig(epochs=2, patience=1), source_window=64)
+
+    def shared(self, key: Any, factory: Callable[[], Any]) -> Any:
+        """Memoise ``factory()`` under ``key`` for the duration of one experiment run."""
+        if key not in self._shared:
+            self._shared[key] = factory()
+        return self._shared[key]
+
+    def to_dict(self) -> dict:
+        return {"model": asdict(self.model), "train": asdict(self.train),
+                "source_window": self.source_window}
+
+
+# ---------------------------------------------------------------- the paper's rows
+
+def row_base(data: PreparedData, seed: int, cfg: ExperimentConfig) -> RowResult:
+    set_seed(seed)
+    mc = cfg.model
+    model = BaseRanker(mc, FeatureShape.of(data))
+    train, val, test = (data.split_indices(s) for s in (0, 1, 2))
+    rng = np.random.default_rng(seed)
+
+    def forward(rows):
+        return model(feature_batch(data, rows, mc.seq_len))
+
+    def epoch_batches(epoch):
+        for rows in shuffled_batches(train, cfg.train.batch_size, rng):
+            yield feature_batch(data, rows, mc.seq_len), torch.from_numpy(data.labels[rows]), None
+
+    def validate():
+        model.eval()
+        return data.labels[val], predict(forward, val)
+
+    info = fit(model, epoch_batches, validate, cfg.train, desc=f"base s{seed}")
+    return RowResult(predict(forward, val), predict(forward, test), {"train": info})
+
+
+def _source_extra(data, probs_val, probs_test) -> dict:
+    val, test = data.split_indices(1), data.split_indices(2)
+    m_val = task_metrics(data.labels[val], probs_val, data.user_index[val], data.tasks)
+    m_test = task_metrics(data.labels[test], probs_test, data.user_index[test], data.tasks)
+    return {"val": m_val, "test": m_test}
+
+
+def temporal_source_embeddings(data: PreparedData, seed: int, cfg: ExperimentConfig):
+    def build():
+        set_seed(seed)
+        model, info = train_temporal_source(data, cfg.model, cfg.train, seed)
+        val, test = data.split_indices(1), data.split_indices(2)
+        fwd = lambda r: model(feature_batch(data, r, cfg.model.seq_len))  # noqa: E731
+        info["source_metrics"] = _source_extra(data, predict(fwd, val), predict(fwd, test))
+        return insembs(model, data), info
+    return cfg.shared(("temporal", id(data), seed), build)
+
+
+def user_order_embeddings(data: PreparedData, seed: int, cfg: ExperimentConfig):
+    def build():
+        set_seed(seed)
+        model, info = train_user_order_source(data, cfg.model, cfg.train, seed, cfg.source_window)
+        e_all = insembs(model, data)
+        val, test = data.split_indices(1), data.split_indices(2)
+        info["source_metrics"] = _source_extra(
+            data, history_predict(model, data, val, e_all, cfg.source_window),
+            history_predict(model, data, test, e_all, cfg.source_window))
+        return e_all, info
+    return cfg.shared(("user", id(data), seed), build)
+
+
+def _downstream_row(source: str, **overrides) -> RowFn:
+    def row(data: PreparedData, seed: int, cfg: ExperimentConfig) -> RowResult:
+        if source == "temporal":
+            e_all, src_info = temporal_source_embeddings(data, seed, cfg)
+        elif source == "user_two_pass":
+            e_all, src_info = cfg.shared(("two_pass", id(data), seed), lambda: two_pass_insembs(
+                data, cfg.model, cfg.train, seed, cfg.source_window))
+        else:
+            e_all, src_info = user_order_embeddings(data, seed, cfg)
+        set_seed(seed)
+        mc = replace(cfg.model, **overrides)
+        model, info = train_downstream(data, e_all, mc, cfg.train, seed,
+                                       desc=f"{source} downstream {overrides or ''} s{seed}")
+        val, test = data.split_indices(1), data.split_indices(2)
+        return RowResult(predict_downstream(model, data, val, e_all),
+                         predict_downstream(model, data, test, e_all),
+                         {"train": info, "source": src_info})
+    return row
+
+
+register_row("base", row_base, description="base ranking model (Eq. 1-3)")
+register_row("temporal_iat", _downstream_row("temporal"),
+             description="downstream over temporal-order InsEmbs, shared-history attention")
+register_row("user_iat", _downstream_row("user"),
+             description="downstream over user-order (SIT) InsEmbs, shared-history attention")
+register_row("user_iat_full_attention", _downstream_row("user", attention="full"),
+             description="as user_iat, full attention over [query; history] (the paper's)")
+register_row("user_iat_no_label_side_info", _downstream_row("user", label_side_info=False),
+             description="as user_iat without past labels as side info")
+register_row("user_iat_id_query", _downstream_row("user", query="id"),
+             description="as user_iat with the candidate item id as the query")
+register_row("user_iat_two_pass", _downstream_row("user_two_pass"), default=False,
+             description="as user_iat with two-pass user-order InsEmbs (App. A.3)")
+
+
+def _load_plugin_rows() -> None:
+    """SIF (and other) rows register themselves from ``models.sif.rows`` when it exists."""
+    if importlib.util.find_spec("models.sif") is None:
+        return
+    try:
+        importlib.import_module("models.sif.rows")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("models.sif.rows", "models.sif"):
+            raise
+
+
+_load_plugin_rows()
+
+
+# ---------------------------------------------------------------- running and reporting
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=0)) if len(arr) > 1 else 0.0
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if np.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    return obj
+
+
+def run_experiment(data: PreparedData, cfg: ExperimentConfig, rows: list[str] | None = None,
+                   seeds: int = 3, progress: Callable[[str], None] = print) -> dict:
+    """Train and evaluate each row for ``seeds`` seeds; returns the results.json content."""
+    names = rows or [n for n, spec in ROWS.items() if spec.default]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; registered: {sorted(ROWS)}")
+    torch.set_num_threads(cfg.threads)
+    val, test = data.split_indices(1), data.split_indices(2)
+    per_row: dict[str, list[dict]] = {n: [] for n in names}
+    started = time.perf_counter()
+    for seed in range(seeds):
+        cfg._shared.clear()  # source models are shared within a seed, not across seeds
+        for name in names:
+            t0 = time.perf_counter()
+            res = ROWS[name].fn(data, seed, cfg)
+            if res.test_probs.shape != (len(test), len(data.tasks)):
+                raise ValueError(f"row {name}: test_probs has shape {res.test_probs.shape}, "
+                                 f"expected {(len(test), len(data.tasks))}")
+            per_row[name].append({
+                "seed": seed, "seconds": time.perf_counter() - t0,
+                "test": task_metrics(data.labels[test], res.test_probs, data.user_index[test], data.tasks),
+                "val": task_metrics(data.labels[val], res.val_probs, data.user_index[val], data.tasks),
+                "extra": res.extra})
+            m = per_row[name][-1]["test"][data.tasks[0]]
+            progress(f"seed {seed} {name:<30} test {data.tasks[0]} AUC {m['auc']:.4f} "
+                     f"GAUC {m['gauc']:.4f} LogLoss {m['logloss']:.4f} "
+                     f"({per_row[name][-1]['seconds']:.0f}s)")
+    out_rows = []
+    for name in names:
+        runs = per_row[name]
+        per_task = {}
+        for task in data.tasks:
+            entry = {}
+            for metric in ("auc", "gauc", "logloss"):
+                mean, std = _mean_std([r["test"][task][metric] for r in runs])
+                entry[metric], entry[f"{metric}_std"] = mean, std
+            entry["val_auc"], entry["val_auc_std"] = _mean_std([r["val"][task]["auc"] for r in runs])
+            per_task[task] = entry
+        head = per_task[data.tasks[0]]
+        out_rows.append({"model": name, **{k: head[k] for k in
+                        ("auc", "gauc", "logloss", "auc_std", "gauc_std", "logloss_std", "val_auc", "val_auc_std")},
+                         "per_task": per_task, "seconds_per_seed": _mean_std([r["seconds"] for r in runs])[0],
+                         "description": ROWS[name].description,
+                         "runs": [{"seed": r["seed"], "test": r["test"], "val": r["val"],
+                                   "extra": r["extra"]} for r in runs]})
+    return _jsonable({"dataset": data.name, "tasks": data.tasks, "headline_task": data.tasks[0],
+                      "seeds": seeds, "n_instances": data.n,
+                      "split_sizes": {"train": len(data.split_indices(0)), "val": len(val), "test": len(test)},
+                      "config": cfg.to_dict(), "wall_seconds": time.perf_counter() - started,
+                      "rows": out_rows})
+
+
+def results_table(results: dict) -> str:
+    tasks = results["tasks"]
+    head = f"{'model':<30}" + "".join(f" {t + ' ' + m:>22}" for t in tasks for m in ("AUC", "GAUC", "LogLoss"))
+    lines = [head, "-" * len(head)]
+    for row in results["rows"]:
+        cells = []
+        for t in tasks:
+            pt = row["per_task"][t]
+            for m in ("auc", "gauc", "logloss"):
+                val, std = pt[m], pt[f"{m}_std"]
+                cells.append(f" {'nan' if val is None else f'{val:.4f}'} ± {0.0 if std is None else std:.4f}".rjust(23))
+        lines.append(f"{row['model']:<30}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def write_results(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps(results, indent=2))
+    png_path = out / "results.png"
+    plot_results(results, png_path)
+    return json_path, png_path
+
+
+def plot_results(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    names = [r["model"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(rows) + 2.5))
+    for ax, metric in zip(axes, ("auc", "gauc", "logloss")):
+        means = [r[metric] if r[metric] is not None else np.nan for r in rows]
+        stds = [r[f"{metric}_std"] or 0.0 for r in rows]
+        ax.barh(range(len(rows)), means, xerr=stds, color="tab:blue", alpha=0.8, capsize=3)
+        ax.set_yticks(range(len(rows)), names if metric == "auc" else [""] * len(rows))
+        finite = [m for m in means if np.isfinite(m)]
+        if finite:
+            span = max(finite) - min(finite)
+            pad = max(span, 0.005)
+            ax.set_xlim(min(finite) - pad, max(finite) + pad)
+        ax.set_title(f"{results['headline_task']} {metric.upper()} (test, mean ± std, {results['seeds']} seeds)")
+        ax.invert_yaxis()
+    fig.suptitle(f"{results['dataset']}: {len(rows)} rows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

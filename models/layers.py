@@ -1,0 +1,119 @@
+"""Building blocks: pre-LN attention blocks on SDPA, target attention (DIN / Transformer),
+the RankMixer-style token-mixing feature-interaction block."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-LN Transformer block. ``allowed`` is a bool mask [B, S, S] (True = may attend)
+    or a key mask [B, S]; every query row must allow at least one key."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask = allowed[:, None, None, :] if allowed.dim() == 2 else allowed[:, None]
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.out(att.transpose(1, 2).reshape(b, s, d))
+        return x + self.ffn(self.norm2(x))
+
+
+class CrossAttention(nn.Module):
+    """Queries attend to a memory whose keys/values are projected once (``project_memory``),
+    so one encoded history can serve any number of queries (candidates)."""
+
+    def __init__(self, dim: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads = heads
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_m = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, d = memory.shape
+        k, v = self.kv(self.norm_m(memory)).view(b, s, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return k, v  # [B, H, S, dh]
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                key_mask: torch.Tensor) -> torch.Tensor:
+        """query [C, dim]; keys/values [B, H, S, dh] with B == C or B == 1; key_mask [B, S]."""
+        c, d = query.shape
+        q = self.q(self.norm_q(query)).view(c, self.heads, 1, d // self.heads)
+        if keys.shape[0] == 1 and c != 1:
+            keys, values, key_mask = (keys.expand(c, -1, -1, -1), values.expand(c, -1, -1, -1),
+                                      key_mask.expand(c, -1))
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask[:, None, None, :])
+        x = query + self.out(att.reshape(c, d))
+        return x + self.ffn(self.norm2(x))
+
+
+class TargetAttention(nn.Module):
+    """Candidate item attends to the behaviour sequence; ``kind`` "transformer" (scaled dot
+    product with positions, multi-head) or "din" (DIN's MLP scorer over [q, k, q-k, q*k])."""
+
+    def __init__(self, dim: int, max_len: int, kind: str = "transformer", heads: int = 2):
+        super().__init__()
+        if kind not in ("transformer", "din"):
+            raise ValueError(f"seq_encoder must be 'transformer' or 'din', got {kind!r}")
+        self.kind = kind
+        self.null = nn.Parameter(torch.zeros(1, 1, dim))  # always-valid key: empty histories
+        if kind == "transformer":
+            self.pos = nn.Parameter(torch.randn(max_len + 1, dim) * 0.02)
+            self.attn = CrossAttention(dim, heads, 2 * dim)
+        else:
+            self.scorer = nn.Sequential(nn.Linear(4 * dim, 32), nn.GELU(), nn.Linear(32, 1))
+
+    def forward(self, target: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, _, d = seq.shape
+        seq = torch.cat([self.null.expand(b, -1, -1), seq], dim=1)
+        mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
+        if self.kind == "transformer":
+            seq = seq + self.pos[: seq.shape[1]]
+            k, v = self.attn.project_memory(seq)
+            return self.attn(target, k, v, mask)
+        q = target.unsqueeze(1).expand_as(seq)
+        w = self.scorer(torch.cat([q, seq, q - seq, q * seq], dim=-1)).squeeze(-1)
+        w = w.masked_fill(~mask, float("-inf")).softmax(dim=1)
+        return (w.unsqueeze(-1) * seq).sum(1)
+
+
+class TokenMixerBlock(nn.Module):
+    """RankMixer-style block: parameter-free token mixing (each token split into T chunks,
+    chunk j of every token gathered into new token j) then a per-token FFN; residual + LN."""
+
+    def __init__(self, n_tokens: int, dim: int, ffn_mult: int = 2):
+        super().__init__()
+        if dim % n_tokens:
+            raise ValueError(f"token width {dim} must be divisible by the token count {n_tokens}")
+        self.t = n_tokens
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = ffn_mult * dim
+        self.w1 = nn.Parameter(torch.randn(n_tokens, dim, hidden) * dim ** -0.5)
+        self.b1 = nn.Parameter(torch.zeros(n_tokens, hidden))
+        self.w2 = nn.Parameter(torch.randn(n_tokens, hidden, dim) * hidden ** -0.5)
+        self.b2 = nn.Parameter(torch.zeros(n_tokens, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        mixed = x.view(b, t, t, d // t).transpose(1, 2).reshape(b, t, d)
+        x = self.norm1(x + mixed)
+        h = F.gelu(torch.einsum("btd,tdh->bth", x, self.w1) + self.b1)
+        return self.norm2(x + torch.einsum("bth,thd->btd", h, self.w2) + self.b2)
