@@ -1,0 +1,118 @@
+"""The instance stream on a real server and cluster: publish, group read, ack, claim from a dead consumer."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from storage.instance_store import InstanceStore
+from storage.records import InstanceRecord, InvalidRecord
+from storage.stream import InstanceEvent, InstanceStream
+
+
+@pytest.fixture(params=["single", "cluster"])
+def client(request):
+    return request.getfixturevalue("redis_client" if request.param == "single" else "cluster_client")
+
+
+def events(n, user="u", start=0):
+    return [InstanceEvent(user, 1000 + i, 10 * i, labels={"like": i % 2}, item_hash=-i) for i in range(start, start + n)]
+
+
+def test_publish_read_ack(client):
+    stream = InstanceStream(client)
+    assert stream.ensure_group() is True
+    assert stream.ensure_group() is False
+    ids = stream.publish(events(5))
+    assert len(ids) == 5 and stream.length() == 5
+    got = stream.read("c1", count=3)
+    assert [(e.user_id, e.ins_id, e.timestamp_ms, e.labels, e.item_hash) for e in got] == [
+        ("u", 1000 + i, 10 * i, {"like": i % 2}, -i) for i in range(3)
+    ]
+    assert [e.entry_id for e in got] == ids[:3]
+    assert stream.pending_count() == 3
+    assert stream.ack([e.entry_id for e in got]) == 3
+    assert stream.pending_count() == 0
+    assert [e.ins_id for e in stream.read("c1", count=10)] == [1003, 1004]
+    assert stream.read("c1", count=10, block_ms=20) == []
+
+
+def test_entries_published_before_the_group_are_delivered(client):
+    stream = InstanceStream(client)
+    stream.publish(events(2))
+    stream.ensure_group()
+    assert len(stream.read("c", count=10)) == 2
+
+
+def test_records_can_be_published(client):
+    stream = InstanceStream(client)
+    stream.ensure_group()
+    rec = InstanceRecord(7, "alice", 123, np.zeros(4, np.float32), labels={"like": 1}, item_hash=9)
+    stream.publish([rec])
+    [event] = stream.read("c")
+    assert (event.user_id, event.ins_id, event.timestamp_ms, event.labels, event.item_hash) == ("alice", 7, 123, {"like": 1}, 9)
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [(InstanceEvent("", 1, 1), "user_id"), (InstanceEvent("u", -1, 1), "ins_id"),
+     (InstanceEvent("u", 1, -1), "timestamp_ms"), (InstanceEvent("u", 1, 1, labels={"like": 3}), "labels")],
+)
+def test_invalid_event_publishes_nothing(client, bad, field):
+    stream = InstanceStream(client)
+    with pytest.raises(InvalidRecord) as info:
+        stream.publish([*events(2), bad])
+    assert info.value.field == field and info.value.index == 2
+    assert client.exists(stream.key) == 0
+
+
+def test_approximate_maxlen_caps_the_stream(client):
+    stream = InstanceStream(client, maxlen=100)
+    for start in range(0, 3000, 500):
+        stream.publish(events(500, start=start))
+    assert 100 <= stream.length() < 3000 / 2
+
+
+def test_dead_consumer_entries_claimed_and_sequenced_once(client):
+    """At least once + idempotent writes = exactly one sequence entry per instance."""
+    stream = InstanceStream(client)
+    store = InstanceStore(client, dim=0)
+    stream.ensure_group()
+    stream.publish(events(6, user="a") + events(4, user="b"))
+
+    crashed = stream.read("worker-1", count=7)  # reads, writes the sequence, dies before XACK
+    store.append_to_sequences([(e.user_id, e.ins_id, e.timestamp_ms) for e in crashed])
+    assert stream.pending_count() == 7
+
+    assert stream.claim_stale("worker-2", min_idle_ms=60_000) == []  # not idle long enough yet
+    time.sleep(0.06)
+    claimed = stream.claim_stale("worker-2", min_idle_ms=50)
+    assert sorted(e.entry_id for e in claimed) == sorted(e.entry_id for e in crashed)
+    rest = stream.read("worker-2", count=100)
+    for batch in (claimed, rest):
+        store.append_to_sequences([(e.user_id, e.ins_id, e.timestamp_ms) for e in batch])
+        stream.ack([e.entry_id for e in batch])
+    assert stream.pending_count() == 0
+    assert store.sequence_length("a") == 6 and store.sequence_length("b") == 4
+
+
+def test_claim_respects_count_and_restarted_consumer_resumes(client):
+    stream = InstanceStream(client)
+    stream.ensure_group()
+    stream.publish(events(10))
+    stream.read("w1", count=10)
+    assert len(stream.read_own_pending("w1", count=100)) == 10
+    first = stream.claim_stale("w2", min_idle_ms=0, count=4)
+    assert len(first) == 4
+    assert len(stream.read_own_pending("w2")) == 4 and len(stream.read_own_pending("w1")) == 6
+
+
+def test_malformed_entry_is_acked_and_counted(client):
+    stream = InstanceStream(client)
+    stream.ensure_group()
+    client.xadd(stream.key, {"user_id": "u", "ins_id": "not-a-number", "timestamp_ms": "1"})
+    stream.publish(events(1))
+    got = stream.read("c", count=10)
+    assert [e.ins_id for e in got] == [1000]
+    assert stream.malformed == 1 and stream.pending_count() == 1
