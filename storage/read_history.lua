@@ -12,13 +12,26 @@ local n = #ids
 if n == 0 then
   return {0, 0, ''}
 end
-local found = {}
+local prefix = ARGV[3]
 local chunk = 512 -- unpack() of very long argument lists overflows Lua's C stack
+if n <= chunk then
+  local keys = {}
+  for i = 1, n do
+    keys[i] = prefix .. ids[i]
+  end
+  local values = redis.call('MGET', unpack(keys))
+  -- Fast path: no record is missing, so concat succeeds (it rejects the false of a missing key).
+  local ok, joined = pcall(table.concat, values)
+  if ok then
+    return {n, 0, joined}
+  end
+end
+local found = {}
 for first = 1, n, chunk do
   local last = math.min(first + chunk - 1, n)
   local keys = {}
   for i = first, last do
-    keys[#keys + 1] = ARGV[3] .. ids[i]
+    keys[#keys + 1] = prefix .. ids[i]
   end
   local values = redis.call('MGET', unpack(keys))
   for i = 1, #values do
