@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.stop()
     result.update({
-        "command": "iat bench store " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "store"] else None,
+        "argv": sys.argv,
         "redis": "embedded (unix socket)" if embedded is not None else "REDIS URL given",
         "redis_version": server.get("redis_version"),
         "dim": args.dim, "codec": args.codec, "iterations": args.iterations,
