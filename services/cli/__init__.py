@@ -22,6 +22,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def is_unbuilt(exc: ModuleNotFoundError, module_name: str) -> bool:
+    """True when the module itself (or a parent package of it) does not exist yet,
+    as opposed to a missing dependency inside it, which must surface."""
+    return exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + "."))
+
+
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iat",
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name == module_name:
+        if is_unbuilt(exc, module_name):
             print(f"iat {name}: not available in this build yet", file=sys.stderr)
             return 2
         raise

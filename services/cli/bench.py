@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from services.cli import is_unbuilt
+
 # target -> module exposing add_arguments(parser) and run(args)
 TARGETS: dict[str, tuple[str, str]] = {
     "store": ("storage.bench", "fused history read vs two round trips vs bare MGET"),
@@ -21,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         try:
             importlib.import_module(module_name).add_arguments(p)
         except ModuleNotFoundError as exc:
-            if exc.name != module_name:
+            if not is_unbuilt(exc, module_name):
                 raise
             p.set_defaults(_missing=True)
 
