@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     history_delay_ms: int = Field(default=0, ge=0, description="history must be this much older than the request")
     degrade_on_store_error: bool = False
 
+    # Sequencer.
+    sequencer_workers: int = Field(default=1, gt=0)
+    sequencer_batch_size: int = Field(default=512, gt=0)
+    claim_idle_ms: int = Field(default=30_000, ge=0, description="pending this long: consumer presumed dead")
+    consumer_name: str | None = None
+
     # Network. Loopback unless told otherwise.
     host: str = "127.0.0.1"
     ranking_grpc_port: int = 50051

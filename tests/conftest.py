@@ -147,3 +147,68 @@ def cluster_client(redis_cluster):
         yield client
     finally:
         client.close()
+
+
+class ServiceProcess:
+    """A real `iat serve ...` process on loopback, started and waited on until /healthz answers."""
+
+    def __init__(self, args: list[str], env: dict[str, str], http_port: int, log_path) -> None:
+        import os
+        import sys
+
+        self.http_port = http_port
+        self.log_path = log_path
+        full_env = {**os.environ, **env}
+        self._log = open(log_path, "ab")
+        iat = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())"]
+        self.proc = subprocess.Popen(iat + args, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> "ServiceProcess":
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.base_url + "/healthz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"service not healthy in {timeout_s}s: {self.log_path.read_text()[-3000:]}")
+
+    def kill(self, sig: int = 9) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+        self._log.close()
+
+
+@pytest.fixture
+def start_service(tmp_path):
+    """Factory: start_service(["serve", "sequencer", ...], env={...}, http_port=N) -> ServiceProcess."""
+    procs: list[ServiceProcess] = []
+
+    def start(args: list[str], env: dict[str, str] | None = None, http_port: int | None = None) -> ServiceProcess:
+        port = http_port or free_port()
+        p = ServiceProcess(args + ["--port", str(port)], env or {}, port, tmp_path / f"service-{len(procs)}.log")
+        procs.append(p)
+        return p.wait_healthy()
+
+    yield start
+    for p in procs:
+        p.stop()

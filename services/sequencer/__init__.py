@@ -1,0 +1,1 @@
+"""The sequencer: stream of ingested instances -> per-user sequences (at least once, idempotent)."""
