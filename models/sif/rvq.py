@@ -23,27 +23,20 @@ class RVQOutput(NamedTuple):
     level_error: torch.Tensor  # [R]: mean ||z - q_{<=l}||^2 after each level (detached)
 
 
-def _nearest(residual: torch.Tensor, codebook: torch.Tensor, exact: bool) -> torch.Tensor:
+def _nearest(residual: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """residual [N, S, d], codebook [S, K, d] -> index [N, S] of the nearest code.
 
-    exact=True computes each distance element-wise (no matrix product whose blocking depends on
-    the batch), so the code of a sample does not depend on which batch it came in; torch.argmin
-    returns the first minimum, which breaks exact ties by the lower index.
+    torch.argmin returns the first minimum, so an exact tie goes to the lower index. The eval
+    path (`SampleTokenizer.quantize`) runs this in float64, where the rounding that depends on
+    how a batch is blocked (~1e-16 relative) is far below any real gap between two codes, so a
+    sample gets the same codes alone or in any batch.
     """
-    if not exact:
-        dist = (
-            residual.pow(2).sum(-1, keepdim=True)
-            - 2 * torch.einsum("nsd,skd->nsk", residual, codebook)
-            + codebook.pow(2).sum(-1).unsqueeze(0)
-        )
-        return dist.argmin(-1)
-    chunk = max(1, 2_000_000 // max(1, codebook.shape[0] * codebook.shape[1] * codebook.shape[2]))
-    out = []
-    for start in range(0, residual.shape[0], chunk):
-        r = residual[start : start + chunk]
-        dist = (r.unsqueeze(2) - codebook.unsqueeze(0)).pow(2).sum(-1)
-        out.append(dist.argmin(-1))
-    return torch.cat(out) if out else residual.new_zeros(residual.shape[:2], dtype=torch.long)
+    dist = (
+        residual.pow(2).sum(-1, keepdim=True)
+        - 2 * torch.einsum("nsd,skd->nsk", residual, codebook)
+        + codebook.pow(2).sum(-1).unsqueeze(0)
+    )
+    return dist.argmin(-1)
 
 
 def _gather_codes(codebook: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -104,7 +97,7 @@ class ResidualVQ(nn.Module):
             pick = torch.randint(0, n, (self.codebook_size,), generator=generator) if n < self.codebook_size else torch.randperm(n, generator=generator)[: self.codebook_size]
             centroids = residual[pick].transpose(0, 1).clone()  # [S, K, d]
             for _ in range(iterations):
-                index = _nearest(residual, centroids, exact=False)  # [N, S]
+                index = _nearest(residual, centroids)  # [N, S]
                 sums = torch.zeros_like(centroids)
                 counts = torch.zeros(centroids.shape[:2], dtype=residual.dtype)
                 for s in range(self.n_subtokens):
@@ -113,14 +106,13 @@ class ResidualVQ(nn.Module):
                 filled = counts > 0
                 centroids[filled] = sums[filled] / counts[filled].unsqueeze(-1)
             self.codebooks[:, level] = centroids
-            residual = residual - _gather_codes(centroids, _nearest(residual, centroids, exact=False))
+            residual = residual - _gather_codes(centroids, _nearest(residual, centroids))
         self.initialised.fill_(True)
 
     def forward(self, z: torch.Tensor) -> RVQOutput:
         """z [N, S, d] -> RVQOutput. In training mode also updates code usage statistics."""
         if z.dim() != 3 or z.shape[1:] != (self.n_subtokens, self.dim):
             raise ValueError(f"z: expected [N, {self.n_subtokens}, {self.dim}], got {tuple(z.shape)}")
-        exact = not self.training
         residual = z
         quantized = torch.zeros_like(z)
         codes = []
@@ -129,7 +121,7 @@ class ResidualVQ(nn.Module):
         recent = []
         for level in range(self.levels):
             book = self.codebooks[:, level]
-            index = _nearest(residual.detach(), book.detach(), exact=exact)
+            index = _nearest(residual.detach(), book.detach())
             chosen = _gather_codes(book, index)
             if self.training:
                 commit = commit + (residual.detach() - chosen).pow(2).sum(-1).mean()

@@ -133,8 +133,11 @@ class SampleTokenizer(nn.Module):
             self.train(was_training)
 
     @torch.no_grad()
-    def quantize(self, inputs: SampleInputs, batch_size: int = 4096) -> torch.Tensor:
-        """int64 codes [..., N_s, R], deterministic: eval mode, float64, element-wise distances."""
+    def quantize(self, inputs: SampleInputs, batch_size: int = 4096, exact: bool = True) -> torch.Tensor:
+        """int64 codes [..., N_s, R], deterministic: eval mode, float64, ties to the lower index.
+
+        exact=False quantizes in float32 (faster; for refreshing codes during training only).
+        """
         validate_inputs(self.schema, inputs)
         was_training = self.training
         self.eval()
@@ -147,12 +150,13 @@ class SampleTokenizer(nn.Module):
             )
             n = flat.categorical.shape[0]
             # float64 keeps batch-dependent rounding of the projection far below any real margin
-            encoder64 = _float64_copy(self.encoder)
-            quantizer64 = _float64_copy(self.quantizer)
+            encoder64 = _float64_copy(self.encoder) if exact else self.encoder
+            quantizer64 = _float64_copy(self.quantizer) if exact else self.quantizer
             out = []
             for start in range(0, n, batch_size):
                 part = flat.index(slice(start, start + batch_size))
-                part = SampleInputs(part.categorical, part.numeric.double(), part.multi)
+                if exact:
+                    part = SampleInputs(part.categorical, part.numeric.double(), part.multi)
                 out.append(quantizer64(encoder64(part)).codes)
             codes = torch.cat(out) if out else torch.zeros(0, self.n_subtokens, self.levels, dtype=torch.long)
             return codes.reshape(*lead, self.n_subtokens, self.levels)
