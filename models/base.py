@@ -26,9 +26,9 @@ class ModelConfig:
     sit_heads: int = 2
     sit_ffn: int = 128
     history_len: int = 256       # L: downstream IAT sequence length
-    adapt_dim: int = 128         # d' > d
-    side_dim: int = 16
-    iat_width: int = 64
+    adapt_dim: int = 96          # d' > d
+    side_dim: int = 8
+    iat_width: int = 32
     iat_layers: int = 1
     iat_heads: int = 2
     attention: str = "shared"    # "shared" (serving) or "full" (paper)
@@ -61,7 +61,7 @@ class TaskHeads(nn.Module):
             for _ in range(n_tasks))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.cat([head(h) for head in self.heads], dim=1)
+        return torch.cat([head(h) for head in self.heads], dim=-1)
 
 
 class Backbone(nn.Module):

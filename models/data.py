@@ -89,7 +89,9 @@ class PreparedData:
 
     def history_length(self) -> np.ndarray:
         """int64 [N]: how many strictly-earlier instances each instance's user has."""
-        return build_history_index(self.user_index, self.ts_ms, 0, counts_only=True)
+        if -1 not in self._history_cache:
+            self._history_cache[-1] = build_history_index(self.user_index, self.ts_ms, 0, counts_only=True)
+        return self._history_cache[-1]
 
     def with_arrays(self, **arrays) -> "PreparedData":
         """A copy with some columns replaced (history caches dropped)."""

@@ -65,13 +65,14 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     source_window: int = 128   # SIT length in batch user-order training
-    threads: int = 2
+    threads: int = 1   # per worker process; 2 threads on 2 busy cores thrash
+    workers: int = 1   # seeds run in parallel processes
     _shared: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def quick(cls) -> "ExperimentConfig":
         return cls(model=ModelConfig(seq_len=20, history_len=64),
-                   train=TrainConfig(epochs=2, patience=1), source_window=64)
+                   train=TrainConfig(epochs=1, patience=1), source_window=64)
 
     def shared(self, key: Any, factory: Callable[[], Any]) -> Any:
         """Memoise ``factory()`` under ``key`` for the duration of one experiment run."""
@@ -209,34 +210,63 @@ def _jsonable(obj):
     return obj
 
 
+def _run_seed(data: PreparedData, cfg: ExperimentConfig, names: list[str], seed: int,
+              progress: Callable[[str], None] = print) -> dict[str, dict]:
+    torch.set_num_threads(cfg.threads)
+    cfg._shared.clear()  # source models are shared within a seed, not across seeds
+    val, test = data.split_indices(1), data.split_indices(2)
+    out = {}
+    for name in names:
+        t0 = time.perf_counter()
+        res = ROWS[name].fn(data, seed, cfg)
+        if res.test_probs.shape != (len(test), len(data.tasks)):
+            raise ValueError(f"row {name}: test_probs has shape {res.test_probs.shape}, "
+                             f"expected {(len(test), len(data.tasks))}")
+        out[name] = {
+            "seed": seed, "seconds": time.perf_counter() - t0,
+            "test": task_metrics(data.labels[test], res.test_probs, data.user_index[test], data.tasks),
+            "val": task_metrics(data.labels[val], res.val_probs, data.user_index[val], data.tasks),
+            "extra": _jsonable(res.extra)}
+        m = out[name]["test"][data.tasks[0]]
+        progress(f"seed {seed} {name:<30} test {data.tasks[0]} AUC {m['auc']:.4f} "
+                 f"GAUC {m['gauc']:.4f} LogLoss {m['logloss']:.4f} ({out[name]['seconds']:.0f}s)")
+    cfg._shared.clear()
+    return out
+
+
+_FORKED: tuple | None = None  # (data, cfg, names) handed to forked workers
+
+
+def _forked_seed(seed: int) -> dict[str, dict]:
+    data, cfg, names = _FORKED
+    return _run_seed(data, cfg, names, seed, progress=lambda m: print(m, flush=True))
+
+
 def run_experiment(data: PreparedData, cfg: ExperimentConfig, rows: list[str] | None = None,
                    seeds: int = 3, progress: Callable[[str], None] = print) -> dict:
-    """Train and evaluate each row for ``seeds`` seeds; returns the results.json content."""
+    """Train and evaluate each row for ``seeds`` seeds; returns the results.json content.
+    With ``cfg.workers > 1`` seeds run in forked processes of ``cfg.threads`` threads each."""
+    global _FORKED
     names = rows or [n for n, spec in ROWS.items() if spec.default]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; registered: {sorted(ROWS)}")
-    torch.set_num_threads(cfg.threads)
     val, test = data.split_indices(1), data.split_indices(2)
-    per_row: dict[str, list[dict]] = {n: [] for n in names}
+    data.history_index(cfg.model.history_len)  # computed once, inherited by workers
+    data.history_index(cfg.model.seq_len)
     started = time.perf_counter()
-    for seed in range(seeds):
-        cfg._shared.clear()  # source models are shared within a seed, not across seeds
-        for name in names:
-            t0 = time.perf_counter()
-            res = ROWS[name].fn(data, seed, cfg)
-            if res.test_probs.shape != (len(test), len(data.tasks)):
-                raise ValueError(f"row {name}: test_probs has shape {res.test_probs.shape}, "
-                                 f"expected {(len(test), len(data.tasks))}")
-            per_row[name].append({
-                "seed": seed, "seconds": time.perf_counter() - t0,
-                "test": task_metrics(data.labels[test], res.test_probs, data.user_index[test], data.tasks),
-                "val": task_metrics(data.labels[val], res.val_probs, data.user_index[val], data.tasks),
-                "extra": res.extra})
-            m = per_row[name][-1]["test"][data.tasks[0]]
-            progress(f"seed {seed} {name:<30} test {data.tasks[0]} AUC {m['auc']:.4f} "
-                     f"GAUC {m['gauc']:.4f} LogLoss {m['logloss']:.4f} "
-                     f"({per_row[name][-1]['seconds']:.0f}s)")
+    workers = max(1, min(cfg.workers, seeds))
+    if workers == 1:
+        by_seed = [_run_seed(data, cfg, names, seed, progress) for seed in range(seeds)]
+    else:
+        import multiprocessing as mp
+        _FORKED = (data, cfg, names)
+        try:
+            with mp.get_context("fork").Pool(workers) as pool:
+                by_seed = pool.map(_forked_seed, range(seeds), chunksize=1)
+        finally:
+            _FORKED = None
+    per_row = {name: [s[name] for s in by_seed] for name in names}
     out_rows = []
     for name in names:
         runs = per_row[name]

@@ -16,7 +16,7 @@ from models.metrics import auc
 
 @dataclass
 class TrainConfig:
-    epochs: int = 4
+    epochs: int = 2
     patience: int = 1
     batch_size: int = 512
     lr: float = 2e-3
