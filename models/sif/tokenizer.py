@@ -143,12 +143,12 @@ class SampleTokenizer(nn.Module):
         self.eval()
         try:
             lead = inputs.leading_shape()
+            n = int(np.prod(lead)) if len(lead) else 1
             flat = SampleInputs(
-                inputs.categorical.reshape(-1, inputs.categorical.shape[-1]),
-                inputs.numeric.reshape(-1, inputs.numeric.shape[-1]),
-                None if inputs.multi is None else inputs.multi.reshape(-1, *inputs.multi.shape[-2:]),
+                inputs.categorical.reshape(n, inputs.categorical.shape[-1]),
+                inputs.numeric.reshape(n, inputs.numeric.shape[-1]),
+                None if inputs.multi is None else inputs.multi.reshape(n, *inputs.multi.shape[-2:]),
             )
-            n = flat.categorical.shape[0]
             # float64 keeps batch-dependent rounding of the projection far below any real margin
             encoder64 = _float64_copy(self.encoder) if exact else self.encoder
             quantizer64 = _float64_copy(self.quantizer) if exact else self.quantizer

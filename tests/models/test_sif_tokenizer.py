@@ -189,3 +189,15 @@ def test_compression_ratio_from_schema():
     tok = SampleTokenizer(schema)
     assert tok.token_bytes == token_sample_bytes(tok.n_subtokens, 3, 256) == 5 * 3
     assert compression_ratio(raw, tok.token_bytes) == pytest.approx(raw / 15)
+
+
+def test_schema_without_numerics_or_multi_values():
+    schema = SampleSchema(
+        categorical=(CategoricalField("user_id", 10), CategoricalField("item_id", 20)),
+        groups=(FeatureGroup("user", ("user_id",)), FeatureGroup("item_id", ("item_id",))),
+        item_id_field="item_id",
+    )
+    tok = SampleTokenizer(schema, codebook_size=8)
+    inputs = SampleInputs(torch.stack([torch.arange(6) % 10, torch.arange(6) % 20], 1), torch.zeros(6, 0))
+    tok(inputs)
+    assert tok.tokenize(inputs).shape == (6, 2 * 3)
