@@ -45,21 +45,20 @@ class SIFSettings:
     n_blocks: int = 2
     n_heads: int = 4
     ffn_dim: int = 64
-    tokenizer_epochs: int = 2
+    tokenizer_epochs: int = 1
     tokenizer_batch: int = 1024
     weights: LossWeights = LossWeights()
     # CPU budget (five rows x three seeds in ~10 min on 2 cores): a training step costs about
     # 20 us per history sub-token, so L and the rows seen per epoch are kept small:
-    # L = downstream L / 16 (16 full, 8 quick), and at most 1024 * L train rows per epoch
-    # (a fresh random sample each epoch).
+    # L = downstream L / 16 (16 full, 8 quick), at most 6144 train rows per epoch (a fresh
+    # random sample each epoch) and at most 2 epochs.
     history_divisor: int = 16
-    rows_per_history_slot: int = 1024
+    rows_per_epoch: int = 6144
+    max_epochs: int = 2
+    val_rows_per_epoch: int = 4096  # early stopping reads a fixed random sample of validation
 
     def history_len(self, cfg: ExperimentConfig) -> int:
         return max(8, cfg.model.history_len // self.history_divisor)
-
-    def rows_per_epoch(self, cfg: ExperimentConfig) -> int:
-        return self.rows_per_history_slot * self.history_len(cfg)
 
 
 SETTINGS = SIFSettings()
@@ -185,12 +184,13 @@ def _row(history_mode: str = "factored", item_id_only: bool = False, dense: bool
         rng = np.random.default_rng(seed)
         best = (-1.0, None, -1)
         epochs = []
-        for epoch in range(cfg.train.epochs):
+        val_sample = np.sort(rng.choice(val, min(len(val), s.val_rows_per_epoch), replace=False))
+        for epoch in range(min(cfg.train.epochs, s.max_epochs)):
             tab = table(exact=False)
             tok.train()
             mixer.train()
             total, steps = 0.0, 0
-            cap = s.rows_per_epoch(cfg)
+            cap = s.rows_per_epoch
             sample = rng.choice(train, cap, replace=False) if len(train) > cap else train
             for rows_np in shuffled_batches(sample, cfg.train.batch_size, rng):
                 rows = torch.from_numpy(rows_np)
@@ -206,7 +206,7 @@ def _row(history_mode: str = "factored", item_id_only: bool = False, dense: bool
                 total += float(rank.detach())
                 steps += 1
             tok.eval()
-            val_auc = auc(data.labels[val, 0], predict(val, table(exact=False))[:, 0])
+            val_auc = auc(data.labels[val_sample, 0], predict(val_sample, table(exact=False))[:, 0])
             epochs.append({"epoch": epoch, "train_rank_loss": total / max(1, steps), "val_auc": val_auc})
             if val_auc > best[0]:
                 best = (val_auc, (copy.deepcopy(tok.state_dict()), copy.deepcopy(mixer.state_dict())), epoch)
@@ -227,7 +227,7 @@ def _row(history_mode: str = "factored", item_id_only: bool = False, dense: bool
             "n_subtokens": tok.n_subtokens,
             "layout": [f"{t.group}[{t.slot}]: {', '.join(t.fields)}" for t in tok.layout],
             "history_len": length,
-            "train_rows_per_epoch": min(len(train), s.rows_per_epoch(cfg)),
+            "train_rows_per_epoch": min(len(train), s.rows_per_epoch),
             "tokenizer_pretrain": tok_info,
             "train": {"best_val_auc": best[0], "best_epoch": best[2], "epochs": epochs},
         }
