@@ -60,6 +60,9 @@ class IATDownstream(nn.Module):
         self.cfg = cfg
         w = cfg.iat_width
         self.backbone = Backbone(cfg, shape, n_extra_tokens=1)
+        # InsEmbs arrive at whatever scale their source model left them; normalising first
+        # keeps them from drowning the side-info embeddings at the start of training.
+        self.insemb_norm = nn.LayerNorm(cfg.insemb_dim)
         self.adapt = nn.Linear(cfg.insemb_dim, cfg.adapt_dim)
         self.n_label_ids = 1 << shape.n_tasks
         self.label_side = nn.Embedding(self.n_label_ids + 1, cfg.side_dim, padding_idx=self.n_label_ids)
@@ -86,7 +89,7 @@ class IATDownstream(nn.Module):
                        gap_ids: torch.Tensor) -> torch.Tensor:
         """InsTokens [B, L, w] (Eq. 9-10) from InsEmbs [B, L, d], past-label ids (-1 pad) and
         age buckets."""
-        parts = [F.gelu(self.adapt(insemb))]
+        parts = [F.gelu(self.adapt(self.insemb_norm(insemb)))]
         if self.cfg.label_side_info:
             parts.append(self.label_side(torch.where(label_ids < 0, self.n_label_ids, label_ids)))
         parts.append(self.gap_side(gap_ids))

@@ -31,7 +31,7 @@ from models.downstream import predict_downstream, train_downstream
 from models.features import feature_batch
 from models.metrics import task_metrics
 from models.source import (history_predict, insembs, train_temporal_source,
-                           train_user_order_source, two_pass_insembs)
+                           train_user_order_source, two_pass_insembs, user_crossfit_insembs)
 from models.training import TrainConfig, fit, predict, set_seed, shuffled_batches
 
 
@@ -65,6 +65,10 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     source_window: int = 128   # SIT length in batch user-order training
+    # "user_crossfit": a user's InsEmbs come from a source model not trained on that user
+    # (source.user_crossfit_insembs); "all_users": one source model on all train users (leaks
+    # each user's training labels into its InsEmbs; kept to measure that effect).
+    insemb_protocol: str = "user_crossfit"
     threads: int = 1   # per worker process; 2 threads on 2 busy cores thrash
     workers: int = 1   # seeds run in parallel processes
     _shared: dict = field(default_factory=dict, repr=False)
@@ -82,7 +86,7 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict:
         return {"model": asdict(self.model), "train": asdict(self.train),
-                "source_window": self.source_window}
+                "source_window": self.source_window, "insemb_protocol": self.insemb_protocol}
 
 
 # ---------------------------------------------------------------- the paper's rows
@@ -119,23 +123,40 @@ def _source_extra(data, probs_val, probs_test) -> dict:
 def temporal_source_embeddings(data: PreparedData, seed: int, cfg: ExperimentConfig):
     def build():
         set_seed(seed)
-        model, info = train_temporal_source(data, cfg.model, cfg.train, seed)
+        if cfg.insemb_protocol == "all_users":
+            model, info = train_temporal_source(data, cfg.model, cfg.train, seed)
+            models, e_all = [model], insembs(model, data)
+        else:
+            e_all, infos = user_crossfit_insembs(data, lambda tr, va, k: train_temporal_source(
+                data, cfg.model, cfg.train, seed + 100 * k, train_rows=tr, val_rows=va), seed)
+            models = [i.pop("model") for i in infos]
+            info = {"folds": infos}
         val, test = data.split_indices(1), data.split_indices(2)
-        fwd = lambda r: model(feature_batch(data, r, cfg.model.seq_len))  # noqa: E731
-        info["source_metrics"] = _source_extra(data, predict(fwd, val), predict(fwd, test))
-        return insembs(model, data), info
+        fwd = lambda r: models[0](feature_batch(data, r, cfg.model.seq_len))  # noqa: E731
+        info["source_metrics_fold0_model"] = _source_extra(data, predict(fwd, val), predict(fwd, test))
+        info["insemb_protocol"] = cfg.insemb_protocol
+        return e_all, info
     return cfg.shared(("temporal", id(data), seed), build)
 
 
 def user_order_embeddings(data: PreparedData, seed: int, cfg: ExperimentConfig):
     def build():
         set_seed(seed)
-        model, info = train_user_order_source(data, cfg.model, cfg.train, seed, cfg.source_window)
-        e_all = insembs(model, data)
+        if cfg.insemb_protocol == "all_users":
+            model, info = train_user_order_source(data, cfg.model, cfg.train, seed, cfg.source_window)
+            models, e_all = [model], insembs(model, data)
+        else:
+            e_all, infos = user_crossfit_insembs(data, lambda tr, va, k: train_user_order_source(
+                data, cfg.model, cfg.train, seed + 100 * k, cfg.source_window, train_rows=tr,
+                val_rows=va), seed)
+            models = [i.pop("model") for i in infos]
+            info = {"folds": infos}
         val, test = data.split_indices(1), data.split_indices(2)
-        info["source_metrics"] = _source_extra(
-            data, history_predict(model, data, val, e_all, cfg.source_window),
-            history_predict(model, data, test, e_all, cfg.source_window))
+        e_model = insembs(models[0], data)
+        info["source_metrics_fold0_model"] = _source_extra(
+            data, history_predict(models[0], data, val, e_model, cfg.source_window),
+            history_predict(models[0], data, test, e_model, cfg.source_window))
+        info["insemb_protocol"] = cfg.insemb_protocol
         return e_all, info
     return cfg.shared(("user", id(data), seed), build)
 

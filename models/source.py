@@ -154,9 +154,11 @@ def history_predict(model: UserOrderSource, data: PreparedData, rows: np.ndarray
 
 
 def train_temporal_source(data: PreparedData, cfg: ModelConfig, tcfg: TrainConfig, seed: int,
-                          model: TemporalOrderSource | None = None) -> tuple[TemporalOrderSource, dict]:
+                          model: TemporalOrderSource | None = None, train_rows: np.ndarray | None = None,
+                          val_rows: np.ndarray | None = None) -> tuple[TemporalOrderSource, dict]:
     model = model or TemporalOrderSource(cfg, FeatureShape.of(data))
-    train, val = data.split_indices(0), data.split_indices(1)
+    train = data.split_indices(0) if train_rows is None else train_rows
+    val = data.split_indices(1) if val_rows is None else val_rows
     rng = np.random.default_rng(seed)
 
     def epoch_batches(epoch):
@@ -172,16 +174,19 @@ def train_temporal_source(data: PreparedData, cfg: ModelConfig, tcfg: TrainConfi
 
 
 def train_user_order_source(data: PreparedData, cfg: ModelConfig, tcfg: TrainConfig, seed: int,
-                            window: int = 128, instances_per_batch: int = 1024,
+                            window: int = 128, instances_per_batch: int | None = None,
                             user_order: np.ndarray | None = None,
-                            model: UserOrderSource | None = None) -> tuple[UserOrderSource, dict]:
+                            model: UserOrderSource | None = None, train_rows: np.ndarray | None = None,
+                            val_rows: np.ndarray | None = None) -> tuple[UserOrderSource, dict]:
     """Batch user-order training (Eq. 6): each batch holds whole windows of users' train
     instances in time order. ``user_order`` fixes the order users are visited (two-pass);
     by default windows are shuffled each epoch."""
     model = model or UserOrderSource(cfg, FeatureShape.of(data))
-    train, val = data.split_indices(0), data.split_indices(1)
+    train = data.split_indices(0) if train_rows is None else train_rows
+    val = data.split_indices(1) if val_rows is None else val_rows
     rng = np.random.default_rng(seed)
     seqs = user_sequences(data, train, window)
+    instances_per_batch = instances_per_batch or tcfg.batch_size
 
     def epoch_batches(epoch):
         if user_order is None:
@@ -225,3 +230,36 @@ def two_pass_insembs(data: PreparedData, cfg: ModelConfig, tcfg: TrainConfig, se
     late_in_forward[order[len(order) // 2:]] = True
     keep_forward = late_in_forward[data.user_index]
     return np.where(keep_forward[:, None], e_forward, e_backward), {"users_from_forward": int(late_in_forward.sum())}
+
+
+def user_crossfit_insembs(data: PreparedData, train_fn, seed: int, folds: int = 2
+                          ) -> tuple[np.ndarray, list[dict]]:
+    """InsEmbs such that no instance's InsEmb comes from a source model trained on ITS USER's
+    labels: users are split into ``folds`` groups; the model trained on the other groups'
+    train instances embeds this group's instances (all splits).
+
+    Why: a multi-epoch source model memorises each user's label rate in its user-level
+    parameters (user id, and side features that nearly identify a user). InsEmbs of a user's
+    PAST instances then carry the user's FUTURE training labels, the current one included:
+    the downstream model learns that shortcut in training and it vanishes on validation/test.
+    (The paper's single streaming pass never trains on an instance before embedding it; this
+    is the multi-epoch equivalent, and like App. A.3 it keeps each user's InsEmbs from the job
+    that did not train on that user.)
+
+    ``train_fn(train_rows, val_rows, fold) -> model`` trains one source model."""
+    rng = np.random.default_rng(seed + 7919)
+    fold_of_user = rng.permutation(data.n_users) % folds
+    fold = fold_of_user[data.user_index]
+    e_all = np.zeros((data.n, 0), dtype=np.float32)
+    infos = []
+    for k in range(folds):
+        train_rows = np.flatnonzero((data.split == 0) & (fold != k))
+        val_rows = np.flatnonzero((data.split == 1) & (fold != k))
+        model, info = train_fn(train_rows, val_rows, k)
+        e_fold = insembs(model, data)
+        if e_all.shape[1] == 0:
+            e_all = np.zeros_like(e_fold)
+        e_all[fold == k] = e_fold[fold == k]
+        info["model"] = model
+        infos.append(info)
+    return e_all, infos

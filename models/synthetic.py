@@ -1,10 +1,12 @@
 """Synthetic interaction logs with a planted sequential signal.
 
-Each user has a *current interest* (an item category) that persists for a run of events and
-then switches. Half of the items a user is shown come from the current interest; the user
-likes them with high probability and the rest rarely. Static user/item features say nothing
-about the current interest, while the user's recent instances (items AND their labels) do:
-a sequence model that reads past instances should beat one that does not.
+Each user has two hidden states that persist for runs of events and then switch: a *mood*
+(likes a lot / likes little) and a *current interest* (an item category; most shown items
+come from it). P(like) = sigmoid(1.6 mood + 1.2 [item in current interest] + item quality).
+Static user/item features reveal only item quality and the user's average mood; the user's
+recent instances reveal the rest: their items show the current interest, and their LABELS
+show the mood. So a model reading past instances and their labels (IAT with label side
+info) should beat one reading past item ids only (the base model), which beats nothing.
 
 ``write_synthetic(dir)`` writes the log, a user table and an item table (with a numeric
 column and a multi-valued column) plus ``schema.toml``, so the data goes through the same
@@ -71,6 +73,7 @@ def write_synthetic(out_dir: str | Path, *, n_users: int = 300, n_items: int = 4
         for u in range(n_users):
             fh.write(f"u{u}\t{rng.integers(0, 6)}\tr{rng.integers(0, 10)}\n")
     by_cat = [np.flatnonzero(item_cat == c) for c in range(n_categories)]
+    quality = rng.normal(0.0, 0.8, n_items)
     t0 = 1_600_000_000
     with (out / "events.tsv").open("w") as fh:
         fh.write("user_id\titem_id\tts\tsurface\tlike\tlove\n")
@@ -78,14 +81,18 @@ def write_synthetic(out_dir: str | Path, *, n_users: int = 300, n_items: int = 4
             n_events = max(5, int(rng.poisson(events_per_user)))
             times = np.sort(t0 + rng.integers(0, 60 * 86400, n_events))
             interest = int(rng.integers(0, n_categories))
+            mood = 1.0 if rng.random() < 0.5 else -1.0
             for t in times:
-                if rng.random() < 0.08:  # interest drifts
+                if rng.random() < 0.05:
                     interest = int(rng.integers(0, n_categories))
-                pool = by_cat[interest] if rng.random() < 0.5 and len(by_cat[interest]) else None
-                item = int(rng.choice(pool)) if pool is not None else int(rng.integers(0, n_items))
-                match = item_cat[item] == interest
-                like = int(rng.random() < (0.85 if match else 0.15))
-                love = int(like and rng.random() < (0.5 if match else 0.1))
+                if rng.random() < 0.05:
+                    mood = -mood
+                from_interest = rng.random() < 0.6 and len(by_cat[interest])
+                item = int(rng.choice(by_cat[interest])) if from_interest else int(rng.integers(0, n_items))
+                match = 1.0 if item_cat[item] == interest else -1.0
+                p_like = 1.0 / (1.0 + np.exp(-(1.6 * mood + 0.6 * match + quality[item])))
+                like = int(rng.random() < p_like)
+                love = int(like and rng.random() < (0.6 if match > 0 else 0.2))
                 fh.write(f"u{u}\ti{item}\t{t}\ts{rng.integers(0, 3)}\t{like}\t{love}\n")
     schema_path = out / "schema.toml"
     schema_path.write_text(SCHEMA_TOML)

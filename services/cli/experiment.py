@@ -94,3 +94,35 @@ def run(args: argparse.Namespace) -> int:
     print(results_table(results))
     print(f"wrote {json_path} and {png_path} in {results['total_seconds']:.0f}s")
     return 0
+
+
+class RedisHistoryProvider:
+    """``models.streaming.HistoryProvider`` on the instance store (storage/): streaming
+    user-order training reads past InsEmbs from Redis and writes each fresh one back."""
+
+    def __init__(self, store, source_version: str = "", labels: dict | None = None):
+        self.store = store
+        self.source_version = source_version
+        self.dim = store.layout.dim
+
+    def write(self, ins_ids, user_ids, ts_ms, embeddings) -> None:
+        import numpy as np
+        from storage.records import InstanceRecord
+
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        records = [InstanceRecord(ins_id=int(i), user_id=str(u), timestamp_ms=int(t), embedding=e,
+                                  source_version=self.source_version)
+                   for i, u, t, e in zip(ins_ids, user_ids, ts_ms, embeddings)]
+        self.store.write_and_append(records)
+
+    def fetch(self, user_ids, before_ms, limit):
+        import numpy as np
+
+        histories = self.store.read_histories([str(u) for u in user_ids], [int(t) for t in before_ms], limit)
+        out = np.zeros((len(user_ids), limit, self.dim), dtype=np.float32)
+        mask = np.zeros((len(user_ids), limit), dtype=bool)
+        for b, history in enumerate(histories):
+            n = min(len(history), limit)
+            out[b, :n] = history.embeddings[:n]
+            mask[b, :n] = True
+        return out, mask
