@@ -242,7 +242,11 @@ class SIFRanking(nn.Module):
         n = hist_codes.shape[0]
         codes = hist_codes.view(n, self.n_subtokens, self.levels)
         codes = torch.where(hist_mask.view(n, 1, 1), codes, torch.zeros_like(codes))
-        rows = self.mixer.codebooks[self.sub, self.lvl, codes].sum(-2)   # [n, N_s, d_s]
+        # codebook lookup as one embedding over the flattened [N_s * R * K, d_s] books (the
+        # advanced-indexing form miscompiled under AOTInductor with a dynamic history length)
+        k, d_s = self.mixer.codebooks.shape[2], self.mixer.codebooks.shape[3]
+        flat_index = (self.sub * self.levels + self.lvl) * k + codes
+        rows = F.embedding(flat_index, self.mixer.codebooks.reshape(-1, d_s)).sum(-2)   # [n, N_s, d_s]
         delta = (request_ms.double() / 1000.0 - hist_ts.double() / 1000.0).clamp(min=0)
         recency = torch.where(hist_mask, recency_bucket(delta, self.mixer.recency_buckets),
                               torch.zeros_like(hist_ts))

@@ -50,8 +50,19 @@ class MultiHeadAttention(nn.Module):
             n = x.shape[-2]
             eye = torch.eye(n, dtype=torch.bool, device=x.device)
             mask = key_mask.unsqueeze(-2).unsqueeze(-3) | eye  # [..., 1(heads), n, n]
-        out = self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        out = self.merge(_sdpa_4d(q, k, v, mask))
         return (out, k, v) if return_keys_values else out
+
+
+def _sdpa_4d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA with the leading dims folded into one: AOTInductor's CPU lowering of 5-D SDPA with a
+    5-D mask gives wrong results under dynamic shapes (seen with torch 2.13); the math is the same."""
+    lead = q.shape[:-3]
+    q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
+    if mask is not None:
+        mask = mask.expand(*lead, *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
+    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask)
+    return out.reshape(*lead, *out.shape[-3:])
 
 
 def attend_memory_and_own(
