@@ -75,8 +75,8 @@ class ExperimentConfig:
 
     @classmethod
     def quick(cls) -> "ExperimentConfig":
-        return cls(model=ModelConfig(seq_len=20, history_len=64),
-                   train=TrainConfig(epochs=1, patience=1), source_window=64)
+        return cls(model=ModelConfig(seq_len=10, history_len=32),
+                   train=TrainConfig(epochs=1, patience=1, batch_size=1024, lr=3e-3), source_window=64)
 
     def shared(self, key: Any, factory: Callable[[], Any]) -> Any:
         """Memoise ``factory()`` under ``key`` for the duration of one experiment run."""
@@ -255,18 +255,30 @@ def _run_seed(data: PreparedData, cfg: ExperimentConfig, names: list[str], seed:
     return out
 
 
-_FORKED: tuple | None = None  # (data, cfg, names) handed to forked workers
+def share_group(name: str) -> str:
+    """Rows in one group share source models, so they run in the same process."""
+    if name.startswith("temporal"):
+        return "temporal"
+    if name.startswith("user_iat") and name != "user_iat_two_pass":
+        return "user"
+    return name
 
 
-def _forked_seed(seed: int) -> dict[str, dict]:
-    data, cfg, names = _FORKED
-    return _run_seed(data, cfg, names, seed, progress=lambda m: print(m, flush=True))
+_FORKED: tuple | None = None  # (data, cfg) handed to forked workers
+
+
+def _forked_unit(unit: tuple[int, list[str]]) -> dict[str, dict]:
+    data, cfg = _FORKED
+    seed, names = unit
+    return {(seed, k): v for k, v in
+            _run_seed(data, cfg, names, seed, progress=lambda m: print(m, flush=True)).items()}
 
 
 def run_experiment(data: PreparedData, cfg: ExperimentConfig, rows: list[str] | None = None,
                    seeds: int = 3, progress: Callable[[str], None] = print) -> dict:
     """Train and evaluate each row for ``seeds`` seeds; returns the results.json content.
-    With ``cfg.workers > 1`` seeds run in forked processes of ``cfg.threads`` threads each."""
+    With ``cfg.workers > 1``, (seed, share group) units run in forked processes of
+    ``cfg.threads`` threads each; rows sharing a source model stay in one process."""
     global _FORKED
     names = rows or [n for n, spec in ROWS.items() if spec.default]
     unknown = [n for n in names if n not in ROWS]
@@ -275,19 +287,28 @@ def run_experiment(data: PreparedData, cfg: ExperimentConfig, rows: list[str] | 
     val, test = data.split_indices(1), data.split_indices(2)
     data.history_index(cfg.model.history_len)  # computed once, inherited by workers
     data.history_index(cfg.model.seq_len)
+    data.history_length()
     started = time.perf_counter()
-    workers = max(1, min(cfg.workers, seeds))
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(share_group(name), []).append(name)
+    units = [(seed, group) for seed in range(seeds) for group in groups.values()]
+    units.sort(key=lambda u: -len(u[1]))  # biggest first: better packing on few workers
+    workers = max(1, min(cfg.workers, len(units)))
+    results: dict[tuple[int, str], dict] = {}
     if workers == 1:
-        by_seed = [_run_seed(data, cfg, names, seed, progress) for seed in range(seeds)]
+        for seed in range(seeds):
+            results.update({(seed, k): v for k, v in _run_seed(data, cfg, names, seed, progress).items()})
     else:
         import multiprocessing as mp
-        _FORKED = (data, cfg, names)
+        _FORKED = (data, cfg)
         try:
             with mp.get_context("fork").Pool(workers) as pool:
-                by_seed = pool.map(_forked_seed, range(seeds), chunksize=1)
+                for part in pool.imap_unordered(_forked_unit, units, chunksize=1):
+                    results.update(part)
         finally:
             _FORKED = None
-    per_row = {name: [s[name] for s in by_seed] for name in names}
+    per_row = {name: [results[(seed, name)] for seed in range(seeds)] for name in names}
     out_rows = []
     for name in names:
         runs = per_row[name]
