@@ -34,6 +34,15 @@ class Settings(BaseSettings):
     max_candidates: int = Field(default=2000, gt=0)
     history_delay_ms: int = Field(default=0, ge=0, description="history must be this much older than the request")
     degrade_on_store_error: bool = False
+    default_model: str | None = None
+    model_threads: int = Field(default=2, gt=0)
+    reload_interval_s: float = Field(default=10.0, ge=0, description="0 disables hot reload")
+    redis_timeout_s: float = Field(default=1.0, gt=0)
+
+    # Source.
+    ingest_max_request: int = Field(default=1024, gt=0, description="instances per POST, more is rejected")
+    ingest_max_batch: int = Field(default=512, gt=0, description="instances per coalesced model forward")
+    ingest_max_wait_ms: float = Field(default=2.0, ge=0)
 
     # Sequencer.
     sequencer_workers: int = Field(default=1, gt=0)

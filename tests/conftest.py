@@ -198,17 +198,64 @@ class ServiceProcess:
         self._log.close()
 
 
-@pytest.fixture
-def start_service(tmp_path):
-    """Factory: start_service(["serve", "sequencer", ...], env={...}, http_port=N) -> ServiceProcess."""
+def _service_starter(log_dir):
     procs: list[ServiceProcess] = []
 
     def start(args: list[str], env: dict[str, str] | None = None, http_port: int | None = None) -> ServiceProcess:
         port = http_port or free_port()
-        p = ServiceProcess(args + ["--port", str(port)], env or {}, port, tmp_path / f"service-{len(procs)}.log")
+        p = ServiceProcess(args + ["--port", str(port)], env or {}, port, log_dir / f"service-{len(procs)}.log")
         procs.append(p)
         return p.wait_healthy()
 
+    return start, procs
+
+
+@pytest.fixture
+def start_service(tmp_path):
+    """Factory: start_service(["serve", "sequencer", ...], env={...}) -> ServiceProcess (healthy)."""
+    start, procs = _service_starter(tmp_path)
     yield start
     for p in procs:
         p.stop()
+
+
+@pytest.fixture(scope="module")
+def start_module_service(tmp_path_factory):
+    """start_service for processes shared by a whole test module."""
+    start, procs = _service_starter(tmp_path_factory.mktemp("services"))
+    yield start
+    for p in procs:
+        p.stop()
+
+
+def movielens_dir():
+    """MovieLens-100K: $IAT_DATA_DIR/movielens-100k, else ../shared/data beside the repo."""
+    import os
+    from pathlib import Path
+
+    base = os.environ.get("IAT_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    return Path(base) / "movielens-100k"
+
+
+@pytest.fixture(scope="session")
+def movielens_models(tmp_path_factory):
+    """The serving set trained on MovieLens-100K (short settings) and exported (TorchScript +
+    eager): (run_dir, model_dir). Trained once per test session; real data, real models."""
+    import sys
+    from types import SimpleNamespace
+
+    import os
+    from pathlib import Path
+
+    data_dir = movielens_dir()
+    if not (data_dir / "ml-100k.inter").exists():
+        pytest.skip(f"MovieLens-100K not found at {data_dir} (set IAT_DATA_DIR)")
+    if os.environ.get("IAT_TEST_MODEL_DIR"):  # developers: reuse an `iat export` of MovieLens
+        return SimpleNamespace(run_dir=None, model_dir=Path(os.environ["IAT_TEST_MODEL_DIR"]), data_dir=data_dir)
+    root = tmp_path_factory.mktemp("movielens-models")
+    iat = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())"]
+    subprocess.run(iat + ["train", "--dataset", "movielens-100k", "--data-dir", str(data_dir), "--out",
+                          str(root / "run"), "--quick", "--epochs", "1", "--no-progress"], check=True)
+    subprocess.run(iat + ["export", "--from", str(root / "run"), "--out", str(root / "models"), "--no-aoti"],
+                   check=True)
+    return SimpleNamespace(run_dir=root / "run", model_dir=root / "models", data_dir=data_dir)

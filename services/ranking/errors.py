@@ -32,3 +32,8 @@ class ModelNotFound(ScoreError):
 class StoreUnavailable(ScoreError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
     http_status = 503
+
+
+class DeadlineExceeded(ScoreError):
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504

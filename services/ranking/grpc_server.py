@@ -1,0 +1,69 @@
+"""gRPC router: ScoreRequest -> ScoreQuery -> serving -> ScoreResponse. No logic of its own.
+
+Standard health checking (grpc.health.v1) and server reflection are served on the same port
+so that `grpcurl` and load balancers work out of the box.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from services import metrics
+from services.ranking.errors import ScoreError
+from services.ranking.protocol import query_from_proto, result_to_proto
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+
+
+class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
+    def __init__(self, serving):
+        self.serving = serving
+
+    async def Score(self, request, context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
+        status = "OK"
+        try:
+            query = query_from_proto(request)
+            result = await self.serving.score(query, timeout_s=context.time_remaining())
+            return result_to_proto(result)
+        except ScoreError as err:
+            status = err.grpc_code.name
+            await context.abort(err.grpc_code, str(err))
+        except Exception:
+            status = "INTERNAL"
+            log.exception("Score failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            metrics.SCORE_LATENCY.labels("grpc", status).observe(time.perf_counter() - start)
+
+
+async def start_grpc_server(serving, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start the aio server; return it and the bound port (port 0 picks a free one)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(serving), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC to {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server.health_servicer = health_servicer  # so shutdown can flip to NOT_SERVING first
+    return server, bound

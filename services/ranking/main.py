@@ -1,0 +1,66 @@
+"""`iat serve ranking`: gRPC Score on IAT_RANKING_GRPC_PORT and REST on the HTTP port, one loop."""
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+
+import uvicorn
+
+from services.config import Settings
+from services.ranking.grpc_server import start_grpc_server
+from services.ranking.http_app import create_app
+from services.ranking.registry import ModelRegistry
+from services.ranking.serving import RankingServing
+from storage.connection import connect_async
+
+log = logging.getLogger(__name__)
+
+
+async def build_serving(settings: Settings) -> RankingServing:
+    client = await connect_async(settings.redis_url, socket_timeout=settings.redis_timeout_s,
+                                 socket_connect_timeout=settings.redis_timeout_s)
+    registry = ModelRegistry(settings.model_dir, runtime=settings.runtime, device=settings.device,
+                             default=settings.default_model)
+    outcomes = await asyncio.to_thread(registry.refresh)
+    for name, outcome in outcomes.items():
+        log.info("model %s: %s", name, outcome)
+    if not registry.models:
+        log.warning("no ranking model loaded from %s: Score answers NOT_FOUND until one appears",
+                    settings.model_dir)
+    return RankingServing(settings, registry, client)
+
+
+async def watch_models(serving: RankingServing, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(serving.registry.refresh)
+        except Exception:  # a reload must never take the service down
+            log.exception("model refresh failed")
+
+
+async def serve_async(settings: Settings, host: str, port: int) -> int:
+    serving = await build_serving(settings)
+    grpc_server, grpc_port = await start_grpc_server(serving, host, settings.ranking_grpc_port)
+    http = uvicorn.Server(uvicorn.Config(create_app(serving), host=host, port=port, log_level="warning",
+                                         access_log=False))
+    watcher = asyncio.create_task(watch_models(serving, settings.reload_interval_s)) if settings.reload_interval_s else None
+    # Warm-up objects are long-lived: keep them out of every future GC pass (DESIGN.md section 6).
+    gc.collect()
+    gc.freeze()
+    log.info("ranking: gRPC on %s:%d, HTTP on %s:%d, models %s", host, grpc_port, host, port,
+             sorted(serving.registry.models))
+    try:
+        await http.serve()  # returns on SIGINT/SIGTERM
+    finally:
+        if watcher:
+            watcher.cancel()
+        await grpc_server.health_servicer.enter_graceful_shutdown()  # NOT_SERVING to balancers first
+        await grpc_server.stop(grace=5)
+        serving.executor.shutdown(wait=False)
+    return 0
+
+
+def serve(settings: Settings, host: str, port: int) -> int:
+    return asyncio.run(serve_async(settings, host, port))

@@ -1,0 +1,108 @@
+"""Ranking models by name, the newest version of each, swapped in atomically on reload.
+
+A new version found in the model directory is loaded (the loader checks every file's sha256
+against the manifest first), checked against the source models available, warmed up, and only
+then replaces the old one in a single dict assignment, so a request in flight keeps the
+object it started with and no request ever sees a half-loaded model. A bad artifact is refused,
+counted and logged, and the old version keeps serving.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+from models.serving import ArtifactError, RankingModel, latest_version, load_ranking_model
+from services import metrics
+from services.ranking.errors import ModelNotFound
+
+log = logging.getLogger(__name__)
+SOURCE_MODEL_NAME = "source"
+
+
+class ModelRegistry:
+    def __init__(self, model_dir: Path, runtime: str = "torchscript", device: str = "auto",
+                 default: str | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.runtime = runtime
+        self.device = device
+        self.default_name = default
+        self._models: dict[str, RankingModel] = {}
+        self._paths: dict[str, Path] = {}
+        self._refused: dict[str, Path] = {}  # a refused version is not retried until it changes
+        self._lock = threading.Lock()  # one reload at a time; readers never take it
+
+    @property
+    def models(self) -> dict[str, RankingModel]:
+        return self._models
+
+    def get(self, name: str) -> RankingModel:
+        models = self._models  # one read of the reference: a consistent snapshot
+        key = name or self.default_name or (next(iter(models)) if models else "")
+        model = models.get(key)
+        if model is None:
+            known = ", ".join(sorted(models)) or "none loaded"
+            raise ModelNotFound(f"unknown model {key!r} (serving: {known})", "model")
+        return model
+
+    def record_layout(self, model: RankingModel) -> tuple[int, str, int, str, tuple[str, ...]]:
+        """(dim, codec, code_length, code_dtype, tasks) of the records this model reads.
+
+        Records are written by the source model, with its InsEmb AND its SIF codes, so the
+        layout comes from that source model's manifest, not from the ranking model (an IAT
+        model reads no codes, a SIF model no embeddings, but both decode the same records).
+        """
+        path = self.model_dir / SOURCE_MODEL_NAME / model.source_version / "manifest.json"
+        manifest = json.loads(path.read_text()) if model.source_version and path.is_file() else model.manifest
+        return (int(manifest["embedding_dim"]), manifest.get("codec", "fp32"), int(manifest.get("code_length", 0)),
+                manifest.get("code_dtype", "uint8"), tuple(manifest["tasks"]))
+
+    def ranking_names(self) -> list[str]:
+        """Folders of the model directory holding at least one exported version (a volume's
+        lost+found or a half-copied folder is not a model)."""
+        if not self.model_dir.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.model_dir.iterdir()
+            if p.is_dir() and p.name != SOURCE_MODEL_NAME and latest_version(self.model_dir, p.name) is not None
+        )
+
+    def _check_source(self, model: RankingModel) -> None:
+        source_dir = self.model_dir / SOURCE_MODEL_NAME
+        if model.source_version and source_dir.is_dir() and not (source_dir / model.source_version).is_dir():
+            raise ArtifactError(
+                f"{model.name} {model.version} reads embeddings of source model version "
+                f"{model.source_version!r}, which is not in {source_dir}"
+            )
+
+    def refresh(self) -> dict[str, str]:
+        """Load every name's newest version that is not loaded yet; returns name -> outcome."""
+        outcomes: dict[str, str] = {}
+        with self._lock:
+            for name in self.ranking_names():
+                path = latest_version(self.model_dir, name)
+                if path is None or self._paths.get(name) == path or self._refused.get(name) == path:
+                    continue
+                try:
+                    model = load_ranking_model(path, runtime=self.runtime, device=self.device)
+                    self._check_source(model)
+                    model.warmup()
+                except (ArtifactError, OSError, RuntimeError, ValueError) as exc:
+                    self._refused[name] = path
+                    metrics.MODEL_RELOADS.labels(name, "refused").inc()
+                    log.error("model %s: refused %s: %s (still serving %s)", name, path.name, exc,
+                              self._paths.get(name, Path("nothing")).name)
+                    outcomes[name] = f"refused {path.name}: {exc}"
+                    continue
+                old = self._models.get(name)
+                self._models = {**self._models, name: model}  # atomic swap of the whole mapping
+                self._paths[name] = path
+                metrics.MODEL_RELOADS.labels(name, "loaded").inc()
+                if old is not None:
+                    metrics.MODEL_INFO.remove(old.name, old.version, old.source_version, old.runtime, str(old.device))
+                metrics.MODEL_INFO.labels(model.name, model.version, model.source_version, model.runtime,
+                                          str(model.device)).set(1)
+                log.info("model %s: serving %s (%s on %s)", name, model.version, model.runtime, model.device)
+                outcomes[name] = f"loaded {path.name}"
+        return outcomes
