@@ -1,7 +1,7 @@
 """Schema-driven loading of an interaction log into ONE columnar bundle, ``PreparedData``.
 
 Every model in ``models/`` (base, IAT source and downstream, SIF) reads this bundle, so its
-layout is a contract. ``N`` instances (one per log row), sorted by (timestamp, user, row):
+layout is a contract. ``N`` instances (one per log row), sorted by (timestamp, InsID):
 
 =================  ====================  ====================================================
 column             dtype / shape         meaning
@@ -264,8 +264,15 @@ def load_dataset(schema: DatasetSchema, data_dir: str | Path, *,
                                       dtype=object)
             groups["context"].append(name)
 
-    # Sort by time (stable on row order) and split.
-    order = np.lexsort((np.arange(n), ts_ms))
+    # InsIDs, then the canonical order: by time, ties by InsID. The online store orders equal
+    # timestamps by InsID too (sorted-set members), so histories built here and histories read
+    # from Redis list tied instances in the same order (order matters to the models).
+    request = (_column(header, rows, log.request, "log.request") if log.request
+               else np.array([f"{u}:{t_raw}" for u, t_raw in
+                              zip(users, _column(header, rows, log.timestamp, "log"))], dtype=object))
+    ins_unsorted = np.fromiter((ins_id(r, i, t) for r, i, t in zip(request, items, ts_ms)),
+                               dtype=np.uint64, count=n)
+    order = np.lexsort((ins_unsorted, ts_ms))
     ts_ms = ts_ms[order]
     split = split_by_time(ts_ms, split_fractions)
     user_ids, user_index = np.unique(users[order].astype(str), return_inverse=True)
@@ -297,13 +304,8 @@ def load_dataset(schema: DatasetSchema, data_dir: str | Path, *,
         stats[name] = (mean, std)
         num[:, j] = np.nan_to_num((col - mean) / std, nan=0.0)
 
-    request = (_column(header, rows, log.request, "log.request")[order] if log.request
-               else np.array([f"{u}:{t_raw}" for u, t_raw in
-                              zip(users[order], _column(header, rows, log.timestamp, "log")[order])],
-                             dtype=object))
     items_sorted = items[order]
-    ins = np.fromiter((ins_id(r, i, t) for r, i, t in zip(request, items_sorted, ts_ms)),
-                      dtype=np.uint64, count=n)
+    ins = ins_unsorted[order]
     return PreparedData(
         name=schema.name, tasks=schema.tasks, user_ids=user_ids,
         user_index=user_index.astype(np.int64), item_ids=items_sorted,

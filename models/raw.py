@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.data import _read_table  # the trainer's own reader: typed headers, same quirks
+from models.hashing import ins_id
 from models.schema import DatasetSchema
 
 
 def raw_instances(schema: DatasetSchema, data_dir: Path) -> list[dict]:
-    """Every log row as a POST /v1/instances instance, oldest first."""
+    """Every log row as a POST /v1/instances instance, in the loader's order (time, then InsID)."""
     log = schema.log
     header, rows = _read_table(data_dir / log.path, log.sep, "log")
     col = {name: i for i, name in enumerate(header)}
@@ -47,5 +48,6 @@ def raw_instances(schema: DatasetSchema, data_dir: Path) -> list[dict]:
             "timestamp_ms": int(float(ts_raw) * ms),
             "features": {"categorical": categorical, "numeric": numeric}, "labels": labels,
         })
-    out.sort(key=lambda inst: inst["timestamp_ms"])
+    # The loader's canonical order: time, ties by InsID.
+    out.sort(key=lambda inst: (inst["timestamp_ms"], ins_id(inst["request_id"], inst["item_id"], inst["timestamp_ms"])))
     return out

@@ -71,13 +71,13 @@ class Ingestor:
             ts, items = h.timestamps_ms, h.item_hashes
             earlier = [j for j in by_user[inst.user_id] if instances[j].timestamp_ms < inst.timestamp_ms]
             if earlier:
-                extra_ts = np.array([instances[j].timestamp_ms for j in earlier], dtype=np.int64)
-                extra_items = item_hashes[earlier]
                 known = set(h.ins_ids.tolist())
-                fresh = [n for n, j in enumerate(earlier) if ids[j] not in known]
-                ts = np.concatenate([ts, extra_ts[fresh]])
-                items = np.concatenate([items, extra_items[fresh]])
-                order = np.lexsort((-np.arange(len(ts)), -ts))[:limit]  # newest first, stable
+                fresh = [j for j in earlier if ids[j] not in known]
+                ts = np.concatenate([ts, np.array([instances[j].timestamp_ms for j in fresh], dtype=np.int64)])
+                items = np.concatenate([items, item_hashes[fresh]])
+                found_ids = np.concatenate([h.ins_ids, np.array([ids[j] for j in fresh], dtype=np.uint64)])
+                # newest first, ties by InsID descending: the store's (and the loader's) order
+                order = np.lexsort((found_ids, ts))[::-1][:limit]
                 ts, items = ts[order], items[order]
             out.append(HistoryInputs(
                 embeddings=np.zeros((len(ts), 0), np.float32), labels=np.zeros((len(ts), 0), np.int8),
