@@ -250,12 +250,15 @@ def movielens_models(tmp_path_factory):
     data_dir = movielens_dir()
     if not (data_dir / "ml-100k.inter").exists():
         pytest.skip(f"MovieLens-100K not found at {data_dir} (set IAT_DATA_DIR)")
-    if os.environ.get("IAT_TEST_MODEL_DIR"):  # developers: reuse an `iat export` of MovieLens
-        return SimpleNamespace(run_dir=None, model_dir=Path(os.environ["IAT_TEST_MODEL_DIR"]), data_dir=data_dir)
+    max_users = 300  # the first 300 users by id: real data, a few minutes of CPU at most
+    if os.environ.get("IAT_TEST_MODEL_DIR"):  # developers: reuse `iat train --max-users 300` + export
+        return SimpleNamespace(run_dir=None, model_dir=Path(os.environ["IAT_TEST_MODEL_DIR"]),
+                               data_dir=data_dir, max_users=max_users)
     root = tmp_path_factory.mktemp("movielens-models")
     iat = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())"]
     subprocess.run(iat + ["train", "--dataset", "movielens-100k", "--data-dir", str(data_dir), "--out",
-                          str(root / "run"), "--quick", "--epochs", "1", "--no-progress"], check=True)
+                          str(root / "run"), "--quick", "--epochs", "1", "--max-users", str(max_users),
+                          "--no-progress"], check=True)
     subprocess.run(iat + ["export", "--from", str(root / "run"), "--out", str(root / "models"), "--no-aoti"],
                    check=True)
-    return SimpleNamespace(run_dir=root / "run", model_dir=root / "models", data_dir=data_dir)
+    return SimpleNamespace(run_dir=root / "run", model_dir=root / "models", data_dir=data_dir, max_users=max_users)

@@ -22,12 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run directory to write")
     parser.add_argument("--quick", action="store_true", help="small/fast settings (ExperimentConfig.quick)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-users", type=int, default=None,
+                        help="train on this many users only (the first by user id; for tests and demos)")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs (early stopping on validation)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from models.data import load_dataset
     from models.experiment import ExperimentConfig
     from models.schema import DatasetSchema, SchemaError, load_schema
@@ -44,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
                 args.dataset or "movielens-100k")
             data_dir = _resolve_data_dir(schema, args.data_dir)
         data = load_dataset(schema, data_dir)
+        if args.max_users is not None:
+            if args.max_users < 1:
+                raise SchemaError(f"--max-users: must be >= 1, got {args.max_users}")
+            data = data.subset_users(np.arange(min(args.max_users, data.n_users)))
     except (SchemaError, FileNotFoundError) as exc:
         print(f"iat train: {exc}", file=sys.stderr)
         return 2
@@ -52,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.train.epochs = args.epochs
     cfg.threads = args.threads
     cfg.train.progress = not args.no_progress
-    print(f"{data.name}: {data.n} instances, {data.n_users} users, tasks {data.tasks}", flush=True)
+    n_users = len(np.unique(data.user_index))
+    print(f"{data.name}: {data.n} instances, {n_users} users, tasks {data.tasks}", flush=True)
     train_serving_set(data, cfg, args.out, seed=args.seed, progress=lambda m: print(m, flush=True))
     return 0

@@ -93,7 +93,9 @@ def stack(movielens_models, start_module_service, tmp_path_factory):
     assert [r["timestamp_ms"] for r in raw] == data.ts_ms.tolist()
     counts = np.bincount(data.user_index)
     rng = np.random.default_rng(7)
-    eligible = np.flatnonzero((counts >= 20) & (counts <= 150))
+    # Users the models were trained on (SIF's id vocabulary is the training set's), with
+    # histories long enough to matter and short enough to replay quickly.
+    eligible = np.flatnonzero((counts >= 20) & (counts <= 150) & (np.arange(len(counts)) < movielens_models.max_users))
     users = rng.choice(eligible, N_USERS, replace=False)
     rows = np.flatnonzero(np.isin(data.user_index, users))  # time order
     # Replay in time order; each batch waits for the sequencer, as live traffic would.
@@ -105,6 +107,10 @@ def stack(movielens_models, start_module_service, tmp_path_factory):
         _wait_sequenced(client)
     s = Stack(model_dir, data, {int(r): raw[r] for r in rows}, users, client, source, ranking, grpc_port)
     s.rows = rows
+    # The offline reference sees the training users only (as the trained model did).
+    trained_rows = np.flatnonzero(data.user_index < movielens_models.max_users)
+    s.trained_data = data.subset_users(np.arange(movielens_models.max_users))
+    s.to_trained_row = lambda r: np.searchsorted(trained_rows, r)
     yield s
     s.channel.close()
     client.close()
@@ -144,7 +150,7 @@ def test_served_scores_equal_offline_predictions(stack, model):
     """No training/serving skew: online featurization, online InsEmbs/codes from the source
     service, the store's truncation and the exported model reproduce the offline model."""
     rows = _test_rows(stack, 40, seed=2)
-    offline = offline_scores(stack.model_dir, stack.data, rows, name=model)
+    offline = offline_scores(stack.model_dir, stack.trained_data, stack.to_trained_row(rows), name=model)
     served = np.array([list(stack.grpc(stack.request(int(r), model)).scores) for r in rows], dtype=np.float32)
     np.testing.assert_allclose(served, offline, rtol=0, atol=1e-5)
 
