@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -52,10 +52,20 @@ class Settings(BaseSettings):
 
     # Network. Loopback unless told otherwise.
     host: str = "127.0.0.1"
+    # Access: when set, /v1/ HTTP routes and gRPC Score need `Authorization: Bearer <token>`
+    # (services/security.py); health, readiness and metrics stay open.
+    api_token: SecretStr | None = None
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="HTTP bodies over this: 413")
+    grpc_max_receive_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="gRPC messages over this: RESOURCE_EXHAUSTED")
     ranking_grpc_port: int = 50051
     ranking_http_port: int = 8000
     source_http_port: int = 8001
     sequencer_http_port: int = 8002
+
+    @property
+    def token(self) -> str | None:
+        """The bearer token in clear, or None when access is open (an empty value is no token)."""
+        return (self.api_token.get_secret_value() or None) if self.api_token is not None else None
 
 
 @lru_cache(maxsize=1)

@@ -16,6 +16,7 @@ from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from services import metrics
 from services.ranking.errors import ScoreError
 from services.ranking.protocol import query_from_proto, result_to_proto
+from services.security import BearerTokenInterceptor
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
@@ -44,12 +45,18 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
 
 async def start_grpc_server(serving, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Start the aio server; return it and the bound port (port 0 picks a free one)."""
+    """Start the aio server; return it and the bound port (port 0 picks a free one).
+
+    A message over IAT_GRPC_MAX_RECEIVE_BYTES is refused by gRPC itself (RESOURCE_EXHAUSTED)
+    before it is parsed; with IAT_API_TOKEN set, Score needs ``authorization: Bearer <token>``.
+    """
+    token = serving.settings.token
     server = grpc.aio.server(
+        interceptors=[BearerTokenInterceptor(token)] if token else None,
         options=[
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_receive_message_length", serving.settings.grpc_max_receive_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(serving), server)
     health_servicer = health.aio.HealthServicer()

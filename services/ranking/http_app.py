@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from services import metrics
 from services.health import health_router
 from services.http_errors import error_body, install_error_handlers
+from services.security import RequestGuard
 from services.ranking.errors import ScoreError
 from services.ranking.protocol import (
     ScoreRequestModel,
@@ -29,6 +30,7 @@ def create_app(serving) -> FastAPI:
         version="1",
     )
     app.include_router(health_router(serving.readiness_checks()))
+    app.add_middleware(RequestGuard, token=serving.settings.token, max_body_bytes=serving.settings.max_body_bytes)
     install_error_handlers(app)
 
     @app.exception_handler(ScoreError)

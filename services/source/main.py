@@ -17,6 +17,7 @@ from services import metrics
 from services.config import Settings
 from services.health import health_router
 from services.http_errors import error_body, install_error_handlers
+from services.security import RequestGuard
 from services.source.batcher import MicroBatcher
 from services.source.ingest import Ingestor
 from services.source.protocol import IngestRejected, IngestRequest, IngestResponse, validate_against_model
@@ -80,6 +81,7 @@ class SourceService:
                       description="Turns instances into InsEmbs and SIF codes, stores them, streams them.")
         install_error_handlers(app)
         app.include_router(health_router({"store": store_ok, "model": model_ok}))
+        app.add_middleware(RequestGuard, token=self.settings.token, max_body_bytes=self.settings.max_body_bytes)
 
         @app.post("/v1/instances", response_model=IngestResponse)
         async def post_instances(body: IngestRequest):
