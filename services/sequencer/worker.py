@@ -93,6 +93,18 @@ class SequencerWorker:
             try:
                 self.run_once()
                 backoff = 0.1
+            except redis.exceptions.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The store came back without the group (restarted without persistence, or
+                # flushed): recreate it and go on rather than let the worker thread die.
+                log.warning("sequencer %s: consumer group missing (%s); recreating it", self.consumer, exc)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                try:
+                    self.stream.ensure_group()
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+                    pass
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
                 log.warning("sequencer %s: store unavailable (%s); retrying in %.1fs", self.consumer, exc, backoff)
                 stop.wait(backoff)

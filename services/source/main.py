@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import numpy as np
+import redis.exceptions
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -27,6 +28,8 @@ from storage.stream import InstanceStream
 
 log = logging.getLogger(__name__)
 SOURCE_MODEL_NAME = "source"
+# The store is down or too slow (IAT_REDIS_TIMEOUT_S): 503, the client retries; ingest is idempotent.
+STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, OSError)
 
 
 class SourceService:
@@ -91,6 +94,11 @@ class SourceService:
             except IngestRejected as err:
                 metrics.INSTANCES.labels("rejected").inc(len(body.instances))
                 return JSONResponse(error_body("INVALID_ARGUMENT", err.field, err.message), status_code=422)
+            except STORE_ERRORS as exc:
+                metrics.INSTANCES.labels("unavailable").inc(len(body.instances))
+                log.warning("ingest: store unavailable: %s: %s", type(exc).__name__, exc)
+                return JSONResponse(error_body("UNAVAILABLE", None, f"the store cannot be reached: {type(exc).__name__}"),
+                                    status_code=503, headers={"Retry-After": "1"})
             metrics.INSTANCES.labels("accepted").inc(response.accepted)
             metrics.INGEST_LATENCY.observe(time.perf_counter() - start)
             return response
