@@ -4,7 +4,9 @@ A new version found in the model directory is loaded (the loader checks every fi
 against the manifest first), checked against the source models available, warmed up, and only
 then replaces the old one in a single dict assignment, so a request in flight keeps the
 object it started with and no request ever sees a half-loaded model. A bad artifact is refused,
-counted and logged, and the old version keeps serving.
+counted and logged, and the old version keeps serving. At start-up (nothing of that name loaded
+yet) a refused newest version falls back to the newest older version that verifies, so one
+corrupted export does not take a model out of service after a restart.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import logging
 import threading
 from pathlib import Path
 
+from models.artifacts import MANIFEST, is_version
 from models.serving import ArtifactError, RankingModel, latest_version, load_ranking_model
 from services import metrics
 from services.ranking.errors import ModelNotFound
@@ -76,6 +79,11 @@ class ModelRegistry:
                 f"{model.source_version!r}, which is not in {source_dir}"
             )
 
+    def _versions_newest_first(self, name: str) -> list[Path]:
+        root = self.model_dir / name
+        return sorted((p for p in root.iterdir() if p.is_dir() and is_version(p.name) and (p / MANIFEST).is_file()),
+                      reverse=True)
+
     def refresh(self) -> dict[str, str]:
         """Load every name's newest version that is not loaded yet; returns name -> outcome."""
         outcomes: dict[str, str] = {}
@@ -84,16 +92,24 @@ class ModelRegistry:
                 path = latest_version(self.model_dir, name)
                 if path is None or self._paths.get(name) == path or self._refused.get(name) == path:
                     continue
-                try:
-                    model = load_ranking_model(path, runtime=self.runtime, device=self.device)
-                    self._check_source(model)
-                    model.warmup()
-                except (ArtifactError, OSError, RuntimeError, ValueError) as exc:
-                    self._refused[name] = path
-                    metrics.MODEL_RELOADS.labels(name, "refused").inc()
-                    log.error("model %s: refused %s: %s (still serving %s)", name, path.name, exc,
-                              self._paths.get(name, Path("nothing")).name)
-                    outcomes[name] = f"refused {path.name}: {exc}"
+                # Loaded already: only the newest may replace it. Nothing loaded: newest that verifies.
+                candidates = [path] if name in self._models else self._versions_newest_first(name)
+                model, refusals = None, []
+                for path in candidates:
+                    try:
+                        model = load_ranking_model(path, runtime=self.runtime, device=self.device)
+                        self._check_source(model)
+                        model.warmup()
+                        break
+                    except (ArtifactError, OSError, RuntimeError, ValueError) as exc:
+                        model = None
+                        self._refused[name] = max(self._refused.get(name, path), path)
+                        metrics.MODEL_RELOADS.labels(name, "refused").inc()
+                        log.error("model %s: refused %s: %s (still serving %s)", name, path.name, exc,
+                                  self._paths.get(name, Path("nothing")).name)
+                        refusals.append(f"refused {path.name}: {exc}")
+                if model is None:
+                    outcomes[name] = "; ".join(refusals)
                     continue
                 old = self._models.get(name)
                 self._models = {**self._models, name: model}  # atomic swap of the whole mapping
@@ -104,5 +120,5 @@ class ModelRegistry:
                 metrics.MODEL_INFO.labels(model.name, model.version, model.source_version, model.runtime,
                                           str(model.device)).set(1)
                 log.info("model %s: serving %s (%s on %s)", name, model.version, model.runtime, model.device)
-                outcomes[name] = f"loaded {path.name}"
+                outcomes[name] = "; ".join([*refusals, f"loaded {path.name}"])
         return outcomes
