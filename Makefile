@@ -38,3 +38,11 @@ lock: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# 10 minutes of concurrent ingest and Score against real processes: no errors, flat RSS, bounded
+# stream lag (loadtests/soak.py; not part of `make test`). Trains a quick model set when
+# $(SOAK_MODEL_DIR) holds none.
+SOAK_MODEL_DIR ?= artifacts/soak-models
+.PHONY: soak
+soak: $(STAMP)
+	$(PY) loadtests/soak.py --duration 600 --model-dir $(SOAK_MODEL_DIR) --data-dir $(IAT_DATA_DIR)/movielens-100k --out artifacts/soak.json
