@@ -87,7 +87,8 @@ class ScoreResponseModel(BaseModel):
 
 
 # --- conversions ---------------------------------------------------------------------
-def query_from_proto(msg: ranking_pb2.ScoreRequest) -> ScoreQuery:
+def _query(msg) -> ScoreQuery:
+    """From a proto ScoreRequest or its pydantic twin: both expose the same attribute names."""
     return ScoreQuery(
         request_id=msg.request_id,
         user_id=msg.user_id,
@@ -102,41 +103,27 @@ def query_from_proto(msg: ranking_pb2.ScoreRequest) -> ScoreQuery:
     )
 
 
+def query_from_proto(msg: ranking_pb2.ScoreRequest) -> ScoreQuery:
+    return _query(msg)
+
+
 def query_from_model(req: ScoreRequestModel) -> ScoreQuery:
-    return ScoreQuery(
-        request_id=req.request_id,
-        user_id=req.user_id,
-        request_time_ms=req.request_time_ms,
-        model=req.model,
-        context=FeatureValues(dict(req.context.categorical), dict(req.context.numeric)),
-        item_ids=[c.item_id for c in req.candidates],
-        candidate_features=[
-            FeatureValues(dict(c.features.categorical), dict(c.features.numeric))
-            for c in req.candidates
-        ],
+    return _query(req)
+
+
+def _result_fields(res: ScoreResult) -> dict:
+    return dict(
+        request_id=res.request_id, model=res.model, model_version=res.model_version,
+        history_length=res.history_length, tasks=res.tasks, scores=res.scores.reshape(-1).tolist(),
     )
 
 
 def result_to_proto(res: ScoreResult) -> ranking_pb2.ScoreResponse:
-    return ranking_pb2.ScoreResponse(
-        request_id=res.request_id,
-        model=res.model,
-        model_version=res.model_version,
-        history_length=res.history_length,
-        tasks=res.tasks,
-        scores=res.scores.reshape(-1).tolist(),
-    )
+    return ranking_pb2.ScoreResponse(**_result_fields(res))
 
 
 def result_to_model(res: ScoreResult) -> ScoreResponseModel:
-    return ScoreResponseModel(
-        request_id=res.request_id,
-        model=res.model,
-        model_version=res.model_version,
-        history_length=res.history_length,
-        tasks=res.tasks,
-        scores=res.scores.reshape(-1).tolist(),
-    )
+    return ScoreResponseModel(**_result_fields(res))
 
 
 # --- validation ----------------------------------------------------------------------
