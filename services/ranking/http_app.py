@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from services import metrics
@@ -12,6 +12,8 @@ from services.http_errors import error_body, install_error_handlers
 from services.security import RequestGuard
 from services.ranking.errors import ScoreError
 from services.ranking.protocol import (
+    MAX_ID_LENGTH,
+    MAX_TIMESTAMP_MS,
     ScoreRequestModel,
     ScoreResponseModel,
     query_from_model,
@@ -52,8 +54,8 @@ def create_app(serving) -> FastAPI:
 
     @app.get("/v1/users/{user_id}/history")
     async def history(
-        user_id: str,
-        before_ms: int = Query(..., gt=0, description="only instances strictly before this time"),
+        user_id: str = Path(..., min_length=1, max_length=MAX_ID_LENGTH),
+        before_ms: int = Query(..., gt=0, le=MAX_TIMESTAMP_MS, description="only instances strictly before this time"),
         limit: int = Query(256, gt=0, le=4096),
     ) -> dict:
         return await serving.history(user_id, before_ms, limit)
