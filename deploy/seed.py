@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.request
 from pathlib import Path
@@ -31,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def post(url: str, instances: list[dict]) -> int:
     body = json.dumps({"instances": instances}).encode()
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get("IAT_API_TOKEN")  # the source service requires it when it has one
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, body, headers)
     with urllib.request.urlopen(request, timeout=120) as response:
         return int(json.load(response)["accepted"])
 

@@ -493,3 +493,21 @@ def test_a_bad_flag_fails_the_check():
         parse_iat(["iat", "serve", "ranking", "--no-such-flag"])
     with pytest.raises(pytest.fail.Exception):
         parse_iat(["iat", "serve", "gateway"])
+
+
+# --- access: the bearer token is on wherever the services run -----------------------------
+
+def test_bearer_token_is_on_in_compose_and_k8s_and_the_clients_send_it():
+    for name, service in SERVED.items():
+        env = image_services()[name].get("environment", {})
+        assert settings_with(env).token, f"compose {name}: IAT_API_TOKEN not set"
+    assert COMPOSE["services"]["seed"]["environment"]["IAT_API_TOKEN"]  # the seed job posts with it
+    assert COMPOSE["services"]["locust"]["environment"]["IAT_API_TOKEN"]
+    seed = (REPO / "deploy" / "seed.py").read_text()
+    assert 'os.environ.get("IAT_API_TOKEN")' in seed and '"Authorization"' in seed
+    secrets = {s["metadata"]["name"]: s["stringData"] for s in k8s("Secret")}
+    for name, deployment in DEPLOYMENTS.items():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        (var,) = [v for v in container.get("env", []) if v["name"] == "IAT_API_TOKEN"]
+        ref = var["valueFrom"]["secretKeyRef"]
+        assert ref["key"] == "bearer-token" and ref["key"] in secrets[ref["name"]], name
