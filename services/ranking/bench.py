@@ -165,7 +165,7 @@ class RankingProcess:
                  extra_env: dict | None = None) -> None:
         self.http_port, self.grpc_port = free_port(), free_port()
         env = {**os.environ, "REDIS_URL": redis_url, "IAT_MODEL_DIR": str(model_dir), "IAT_RELOAD_INTERVAL_S": "0",
-               "IAT_RUNTIME": runtime, "OMP_NUM_THREADS": str(threads), **(extra_env or {})}
+               "IAT_RUNTIME": runtime, "OMP_NUM_THREADS": str(threads), "IAT_API_TOKEN": "", **(extra_env or {})}
         self._log = open(log_path, "ab")
         self.log_path = log_path
         cmd = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())", "serve", "ranking",
