@@ -1,0 +1,166 @@
+"""`make loadtest`: the three services on loopback, seeded with real users, under Locust for a
+bounded time; Locust's CSVs and a summary under ``loadtests/out/``.
+
+    python -m loadtests.run --duration 60s --users 8 --spawn-rate 4
+
+Steps: an embedded redis-server (unix socket); ``iat serve sequencer|source|ranking`` on free
+loopback ports; the first ``--max-users`` MovieLens users (sorted ids) replayed through the source
+service in time order (the sequencer builds their sequences); then ``locust --headless`` with
+``loadtests/locustfile.py`` (gRPC, REST and ingest users at once) against them.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from services.ranking.bench import (MovieLensWorkload, build_bench_models, default_data_dir,
+                                    default_quick_models, free_port)
+
+
+class Service:
+    def __init__(self, kind: str, env: dict, log_dir: Path, extra: list[str] = ()) -> None:
+        self.port = free_port()
+        self.log_path = log_dir / f"{kind}.log"
+        self._log = open(self.log_path, "ab")
+        cmd = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())", "serve", kind,
+               "--host", "127.0.0.1", "--port", str(self.port), *extra]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 90.0) -> "Service":
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.log_path.stem} exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.log_path.stem} not ready: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+        self._log.close()
+
+
+def seed(source_url: str, redis_url: str, instances: list[dict], batch: int = 512) -> float:
+    """Replay through the source service; wait until the sequencer has caught up. Seconds taken."""
+    from storage.connection import connect
+    from storage.stream import InstanceStream
+
+    start = time.perf_counter()
+    with httpx.Client(base_url=source_url, timeout=300) as client:
+        for k in range(0, len(instances), batch):
+            response = client.post("/v1/instances", json={"instances": instances[k:k + batch]})
+            response.raise_for_status()
+    redis = connect(redis_url)
+    stream = InstanceStream(redis)
+    deadline = time.monotonic() + 300
+    while (stream.lag() or stream.pending_count()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    redis.close()
+    return time.perf_counter() - start
+
+
+def read_stats(csv_path: Path) -> list[dict]:
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def summary_markdown(stats: list[dict], meta: dict) -> str:
+    lines = [f"Locust {meta['duration']} headless, {meta['users']} users (gRPC:REST:ingest = 3:1:1), "
+             f"{meta['max_users']} seeded MovieLens users, {meta['candidates']} candidates, model {meta['model']}; "
+             f"{meta['cpus']} CPUs shared by Locust, Redis and the three services.", "",
+             "| type | name | requests | failures | req/s | p50 ms | p95 ms | p99 ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in stats:
+        lines.append(f"| {row['Type'] or ''} | {row['Name']} | {row['Request Count']} | {row['Failure Count']} | "
+                     f"{float(row['Requests/s']):.1f} | {row['50%']} | {row['95%']} | {row['99%']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", default="60s")
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--spawn-rate", type=float, default=4)
+    parser.add_argument("--max-users", type=int, default=150, help="MovieLens users seeded and requested")
+    parser.add_argument("--candidates", default="100,500")
+    parser.add_argument("--model-dir", type=Path, default=None, help="default: serving-size models (L=256) built "
+                        "beside --quick-models' source model")
+    parser.add_argument("--quick-models", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("loadtests/out"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per service")
+    args = parser.parse_args(argv)
+
+    from storage.connection import EmbeddedRedis
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = default_data_dir()
+    model_dir = args.model_dir or build_bench_models(args.quick_models or default_quick_models(), out / "bench-score" / "models")
+    work = MovieLensWorkload(data_dir)
+    users = set(work.user_ids[:args.max_users])
+    instances = [i for i in work.instances if i["user_id"] in users]
+    redis = EmbeddedRedis(directory=out / "redis").start()
+    env = {"REDIS_URL": redis.url, "IAT_MODEL_DIR": str(model_dir), "IAT_API_TOKEN": "", "IAT_RELOAD_INTERVAL_S": "0",
+           "OMP_NUM_THREADS": str(args.threads)}
+    services: list[Service] = []
+    try:
+        services.append(Service("sequencer", env, out).wait_ready())
+        source = Service("source", env, out).wait_ready()
+        services.append(source)
+        grpc_port = free_port()
+        ranking = Service("ranking", env, out, ["--grpc-port", str(grpc_port)]).wait_ready()
+        services.append(ranking)
+        seconds = seed(source.url, redis.url, instances)
+        print(f"seeded {len(instances)} instances of {len(users)} users in {seconds:.1f}s", flush=True)
+        prefix = out / "locust"
+        locust_env = {**os.environ, "IAT_GRPC_TARGET": f"127.0.0.1:{grpc_port}", "IAT_SOURCE_URL": source.url,
+                      "IAT_LOADTEST_MAX_USERS": str(args.max_users), "IAT_LOADTEST_CANDIDATES": args.candidates,
+                      "IAT_DATA_DIR": str(data_dir.parent)}
+        locust_env.pop("IAT_API_TOKEN", None)
+        cmd = [sys.executable, "-m", "locust", "-f", str(Path(__file__).with_name("locustfile.py")), "--headless",
+               "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration, "--host", ranking.url,
+               "--csv", str(prefix), "--only-summary", "--stop-timeout", "10"]
+        print(" ".join(cmd), flush=True)
+        rc = subprocess.call(cmd, env=locust_env)
+        if rc not in (0, 1):  # 1: some requests failed (reported in the CSVs)
+            return rc
+    finally:
+        for s in reversed(services):
+            s.stop()
+        redis.stop()
+    manifest = json.loads(next((Path(model_dir) / "iat").glob("*/manifest.json")).read_text())
+    meta = {"duration": args.duration, "users": args.users, "spawn_rate": args.spawn_rate, "max_users": args.max_users,
+            "candidates": args.candidates.replace(",", "-"), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "model": f"iat L={manifest['max_history']} ({manifest['training']['dataset']})",
+            "command": "python -m loadtests.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "locust_command": " ".join(cmd)}
+    stats = read_stats(Path(f"{prefix}_stats.csv"))
+    text = summary_markdown(stats, meta)
+    (out / "locust-summary.md").write_text(text + "\n")
+    (out / "locust-summary.json").write_text(json.dumps({"meta": meta, "stats": stats}, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
