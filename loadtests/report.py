@@ -1,0 +1,328 @@
+"""`make bench`: run the served-path benchmarks and peers in one run, write loadtests/RESULTS.md.
+
+    python -m loadtests.report --out loadtests/RESULTS.md
+
+One loopback redis-server (TCP, since Feast's Redis store speaks TCP only) serves all of:
+  1. ``iat bench score`` (in process, gRPC, REST, floor, saturation; the naive peer of
+     ``loadtests/peers/naive_server.py`` timed alongside; a cProfile of one Score)
+  2. ``iat bench ingest``
+  3. the history fetch: our fused read against Feast's Redis online store
+     (``loadtests/peers/feast_fetch.py`` in ``.venv-feast``) for the same users' embeddings,
+     ours timed before and after Feast (A-B-A) to show the drift of the shared machine
+  4. the latest ``make loadtest`` summary, when there is one
+The section between the markers below is replaced; the rest of the file is kept.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REQUEST_TIME_MS = 1_700_000_000_000  # as iat bench score seeds its users (histories before it)
+START, END = "<!-- iat bench report: start -->", "<!-- iat bench report: end -->"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _iat(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())", *args]
+
+
+def _start_naive(model_dir: Path, redis_url: str, log: Path) -> tuple[subprocess.Popen, str]:
+    from services.ranking.bench import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "loadtests/peers/naive_server.py"), "--model-dir", str(model_dir),
+                             "--redis-url", redis_url, "--port", str(port)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"naive peer exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise TimeoutError("naive peer not up")
+
+
+def our_fetch(redis_url: str, model_dir: Path, users: list[str], iterations: int) -> list[dict]:
+    """The fused read (what serving calls) of each user's newest L records, timed like Feast's."""
+    from models.serving import latest_version, load_ranking_model
+    from services.ranking.registry import ModelRegistry
+    from storage.connection import connect
+    from storage.instance_store import InstanceStore
+
+    model = load_ranking_model(latest_version(model_dir, "iat"), "eager", "cpu")
+    dim, codec, code_length, code_dtype, tasks = ModelRegistry(model_dir).record_layout(model)
+    store = InstanceStore(connect(redis_url), dim=dim, codec=codec, tasks=tasks, code_length=code_length,
+                          code_dtype=np.dtype(code_dtype))
+    out = []
+    for user in users:
+        for _ in range(10):
+            store.read_history(user, REQUEST_TIME_MS, model.max_history)
+        times = np.empty(iterations)
+        for k in range(iterations):
+            s = time.perf_counter()
+            store.read_history(user, REQUEST_TIME_MS, model.max_history)
+            times[k] = time.perf_counter() - s
+        ms = times * 1e3
+        out.append({"user": user, "length": len(store.read_history(user, REQUEST_TIME_MS, model.max_history)),
+                    "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+                    "p99_ms": float(np.percentile(ms, 99)), "n": iterations, "gc_enabled": gc.isenabled()})
+    return out
+
+
+def histories_for_feast(redis_url: str, model_dir: Path, users: list[str], path: Path) -> None:
+    from models.serving import latest_version, load_ranking_model
+    from services.ranking.registry import ModelRegistry
+    from storage.connection import connect
+    from storage.instance_store import InstanceStore
+
+    model = load_ranking_model(latest_version(model_dir, "iat"), "eager", "cpu")
+    dim, codec, code_length, code_dtype, tasks = ModelRegistry(model_dir).record_layout(model)
+    store = InstanceStore(connect(redis_url), dim=dim, codec=codec, tasks=tasks, code_length=code_length,
+                          code_dtype=np.dtype(code_dtype))
+    payload = []
+    for user in users:
+        h = store.read_history(user, REQUEST_TIME_MS, model.max_history)
+        if not len(h):
+            continue
+        payload.append({"user_id": user, "ins_ids": [int(i) for i in h.ins_ids], "embeddings": h.embeddings.tolist()})
+    path.write_text(json.dumps({"users": payload}))
+
+
+def fetch_peer(args, redis, model_dir: Path, out: Path) -> dict:
+    users = [f"bench-h{n}" for n in (64, 256)]
+    result = {"ours_before": our_fetch(redis.url, model_dir, users, args.fetch_iterations)}
+    feast_python = Path(args.feast_python)
+    if not feast_python.exists():
+        result["feast_error"] = f"{feast_python} not found (make bench creates .venv-feast with feast[redis])"
+        return result
+    histories_for_feast(redis.url, model_dir, users, out / "feast-input.json")
+    cmd = [str(feast_python), str(REPO / "loadtests/peers/feast_fetch.py"), "--input", str(out / "feast-input.json"),
+           "--redis", f"127.0.0.1:{redis.port}", "--iterations", str(args.fetch_iterations)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        result["feast_error"] = done.stderr[-2000:]
+    else:
+        result.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    result["ours_after"] = our_fetch(redis.url, model_dir, users, args.fetch_iterations)
+    result["feast_command"] = " ".join(cmd)
+    return result
+
+
+# ---------------------------------------------------------------- rendering
+
+def _fmt(v, digits=2):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def render(results: dict) -> str:
+    from services.ranking.bench import markdown as score_markdown
+    from services.source.bench import markdown as ingest_markdown
+
+    meta = results["meta"]
+    score = results.get("score")
+    lines = [START, "## Served path: Score, ingest, peers (iat bench report)", "",
+             f"Command: `{meta['command']}` ({meta['date']}). Machine: {meta['cpus']} CPU cores, no GPU, "
+             f"Python {meta['python']}, torch {meta.get('torch', '?')}, shared with two other busy helpers "
+             "(absolute figures are noisy; every ratio below is from one run, methods interleaved). "
+             "One loopback redis-server 6.2 over TCP for everything (Feast's Redis store speaks TCP only).", ""]
+    if score:
+        m = score["model"]
+        lines += [f"### Score latency against its floor (`iat bench score`)", "",
+                  f"`{score['command']}`", "",
+                  f"Model: `{m['name']}` {m['version']} (max_history L = {m['max_history']}, runtime {m['runtime']}, "
+                  "MovieLens-100K schema, default `ModelConfig`, RANDOM weights: the quick models have L = 64 and "
+                  "latency does not depend on the weights), its source model from the quick export. "
+                  f"torch threads {score['threads']} here and in the served process. Requests: real MovieLens "
+                  "items with their features, user `bench-h<n>` with exactly n stored records. "
+                  "Methods: fetch = fused read alone, assemble = featurization alone, model = forward alone, "
+                  "inproc = `RankingServing.score`, grpc / rest = a real `iat serve ranking` on loopback, "
+                  "peer:naive = `loadtests/peers/naive_server.py` (TorchScript `IATNaive` behind FastAPI, "
+                  "history re-encoded per candidate; timed on fewer rounds).", "",
+                  score_markdown(score), ""]
+        lines += goals(results)
+        prof = score.get("profile")
+        if prof:
+            lines += ["", f"### Profile of one Score (cProfile, in process, C = {prof['candidates']}, n = {prof['history']}, "
+                      f"{prof['calls']} calls, model run inline)", "",
+                      f"{prof['ms_per_score']:.2f} ms per Score under the profiler. Top functions by own time:", "",
+                      "| function | own ms / Score | share | cumulative ms / Score |", "|---|---|---|---|"]
+            for t in prof["top_tottime"][:10]:
+                lines.append(f"| `{t['function']}` | {t['tottime_ms_per_score']:.3f} | {t['share']:.0%} | "
+                             f"{t['cumtime_ms_per_score']:.3f} |")
+            lines += ["", results.get("profile_notes", "")]
+    ingest = results.get("ingest")
+    if ingest:
+        lines += ["", "### Ingest (`iat bench ingest`)", "", f"`{ingest['command']}`", "",
+                  f"Source model of the quick export; {ingest['concurrency']} posts in flight for asgi/http; shares "
+                  "of wall time from `Ingestor.timings` (store = history reads + record writes + stream entries; "
+                  "framework = the rest: HTTP, pydantic, MicroBatcher, JSON).", "", ingest_markdown(ingest)]
+    fetch = results.get("fetch")
+    if fetch:
+        lines += ["", "### History fetch: ours against Feast's Redis online store", ""]
+        if "feast_command" in fetch:
+            lines += [f"`{fetch['feast_command']}`", ""]
+        lines += ["| user | L | ours p50 / p99 ms (before) | Feast p50 / p99 ms | ours p50 / p99 ms (after) | Feast / ours p50 |",
+                  "|---|---|---|---|---|---|"]
+        feast = {r["user"]: r for r in fetch.get("results", [])}
+        after = {r["user"]: r for r in fetch.get("ours_after", [])}
+        for r in fetch["ours_before"]:
+            f, a = feast.get(r["user"]), after.get(r["user"])
+            ours = r["p50_ms"] if not a else (r["p50_ms"] + a["p50_ms"]) / 2
+            lines.append(f"| {r['user']} | {r['length']} | {_fmt(r['p50_ms'])} / {_fmt(r['p99_ms'])} | "
+                         f"{_fmt(f and f['p50_ms'])} / {_fmt(f and f['p99_ms'])} | "
+                         f"{_fmt(a and a['p50_ms'])} / {_fmt(a and a['p99_ms'])} | "
+                         f"{_fmt(f and f['p50_ms'] / ours, 1)}x |")
+        if "feast_error" in fetch:
+            lines += ["", f"Feast did not run: {fetch['feast_error']}"]
+        else:
+            lines += ["", f"Feast {fetch.get('feast')} (`feast[redis]` from PyPI in `.venv-feast`), entity `ins_id`, one "
+                      "`Array(Float32)` feature, `get_online_features` for the user's L InsIDs (given: Feast has no "
+                      "'sequence before t' read, our fused read finds them itself in the same round trip). Ours: "
+                      "`InstanceStore.read_history` (redis-py + hiredis, one EVALSHA, numpy decode). GC enabled in both."]
+    locust = results.get("locust")
+    if locust:
+        lines += ["", "### Load test (`make loadtest`)", "", f"`{locust['meta']['command']}` ->", "",
+                  f"`{locust['meta']['locust_command']}`", "", locust["markdown"]]
+    notes = results.get("notes")
+    if notes:
+        lines += ["", notes]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def goals(results: dict) -> list[str]:
+    score = results["score"]
+    ratios = {(r["candidates"], r["history"]): r for r in score.get("ratios", [])}
+    out = ["Goals:", ""]
+    hmax = max((r["history"] for r in score["ratios"]), default=0)
+    r = ratios.get((100, 256)) or ratios.get((100, hmax))
+    if r and "grpc_over_floor_p50" in r:
+        verdict = "met" if r["grpc_over_floor_p50"] <= 2 else "NOT met"
+        out.append(f"- Score at C = 100, n = {r['history']} within 2x of the floor at p50: gRPC "
+                   f"{r['grpc_over_floor_p50']:.2f}x, REST {r.get('rest_over_floor_p50', float('nan')):.2f}x, in process "
+                   f"{r.get('inproc_over_floor_p50', float('nan')):.2f}x ({verdict} over gRPC).")
+    for (c, n), row in sorted(ratios.items()):
+        if c == 500 and "grpc_over_peer:naive_throughput" in row:
+            verdict = "met" if row["grpc_over_peer:naive_throughput"] >= 20 else "NOT met"
+            out.append(f"- Throughput at C = 500, n = {n}: gRPC {row['grpc_over_peer:naive_throughput']:.1f}x the naive peer's, "
+                       f"REST {row.get('rest_over_peer:naive_throughput', float('nan')):.1f}x (20x goal {verdict}).")
+    fetch = results.get("fetch") or {}
+    feast = {x["user"]: x for x in fetch.get("results", [])}
+    for x in fetch.get("ours_before", []):
+        if x["user"] in feast:
+            ratio = feast[x["user"]]["p50_ms"] / x["p50_ms"]
+            out.append(f"- History fetch, L = {x['length']}: ours {x['p50_ms']:.2f} ms p50 vs Feast "
+                       f"{feast[x['user']]['p50_ms']:.2f} ms ({ratio:.1f}x faster{'' if ratio > 1 else ': NOT met'}).")
+    return out
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("loadtests/RESULTS.md"))
+    parser.add_argument("--work", type=Path, default=Path("loadtests/out/report"))
+    parser.add_argument("--quick-models", type=Path, default=None)
+    parser.add_argument("--score-args", default="", help="extra arguments for iat bench score (e.g. '--budget 1')")
+    parser.add_argument("--ingest-args", default="", help="extra arguments for iat bench ingest")
+    parser.add_argument("--feast-python", default=".venv-feast/bin/python")
+    parser.add_argument("--fetch-iterations", type=int, default=300)
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: score,naive,ingest,fetch")
+    parser.add_argument("--from-json", type=Path, default=None, help="only render a results JSON written before")
+    parser.add_argument("--notes", type=Path, default=None, help="a markdown file appended to the section")
+    args = parser.parse_args(argv)
+
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        if args.notes:
+            results["notes"] = args.notes.read_text()
+        write_section(args.out, render(results))
+        print(f"wrote {args.out}")
+        return 0
+
+    import torch
+
+    from services.ranking.bench import build_bench_models, default_quick_models
+    from storage.connection import EmbeddedRedis
+
+    skip = set(filter(None, args.skip.split(",")))
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    quick = args.quick_models or default_quick_models()
+    model_dir = build_bench_models(quick, work / "models")
+    from services.ranking.bench import free_port
+    redis = EmbeddedRedis(directory=Path(tempfile.mkdtemp(prefix="iat-report-redis-")), port=free_port()).start()
+    command = "python -m loadtests.report " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    results = {"meta": {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+                        "python": platform.python_version(), "torch": torch.__version__}}
+    naive = None
+    try:
+        if "score" not in skip:
+            score_cmd = _iat("bench", "score", "--model-dir", str(model_dir), "--redis-url", redis.url,
+                             "--json", str(work / "score.json"), "--profile", str(work / "profile.txt"),
+                             "--work-dir", str(work / "score"), *shlex.split(args.score_args))
+            if "naive" not in skip:
+                naive = _start_naive(model_dir, redis.url, work / "naive.log")
+                score_cmd += ["--peer", f"naive={naive[1]}/v1/score"]
+            subprocess.run(score_cmd, check=True)
+            results["score"] = json.loads((work / "score.json").read_text())
+            results["score"]["command"] = "iat bench score " + " ".join(shlex.quote(a) for a in score_cmd[5:])
+        if naive:
+            naive[0].terminate()
+            naive[0].wait(15)
+            naive = None
+        if "ingest" not in skip:
+            ingest_cmd = _iat("bench", "ingest", "--model-dir", str(quick), "--redis-url", redis.url,
+                              "--json", str(work / "ingest.json"), "--work-dir", str(work / "ingest"),
+                              *shlex.split(args.ingest_args))
+            subprocess.run(ingest_cmd, check=True)
+            results["ingest"] = json.loads((work / "ingest.json").read_text())
+            results["ingest"]["command"] = "iat bench ingest " + " ".join(shlex.quote(a) for a in ingest_cmd[5:])
+        if "fetch" not in skip and "score" not in skip:  # the users are the ones bench score seeded
+            results["fetch"] = fetch_peer(args, redis, model_dir, work)
+    finally:
+        if naive:
+            naive[0].kill()
+        redis.stop()
+    summary = Path("loadtests/out/locust-summary.json")
+    if summary.is_file():
+        locust = json.loads(summary.read_text())
+        md = Path("loadtests/out/locust-summary.md")
+        results["locust"] = {"meta": locust["meta"], "markdown": md.read_text() if md.is_file() else ""}
+    if args.notes:
+        results["notes"] = args.notes.read_text()
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    write_section(args.out, render(results))
+    print(f"wrote {args.out} (figures in {work / 'results.json'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
