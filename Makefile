@@ -46,3 +46,31 @@ SOAK_MODEL_DIR ?= artifacts/soak-models
 .PHONY: soak
 soak: $(STAMP)
 	$(PY) loadtests/soak.py --duration 600 --model-dir $(SOAK_MODEL_DIR) --data-dir $(IAT_DATA_DIR)/movielens-100k --out artifacts/soak.json
+
+# Load test and benchmark report (loadtests/). Both need a quick MovieLens export for the source
+# model and schema: trained here once (about a minute) unless IAT_TEST_MODEL_DIR names one.
+QUICK_MODELS ?= $(if $(IAT_TEST_MODEL_DIR),$(IAT_TEST_MODEL_DIR),loadtests/out/models-quick)
+LOADTEST_ARGS ?= --duration 60s --users 8 --spawn-rate 4
+BENCH_ARGS ?=
+FEAST_VENV := .venv-feast
+.PHONY: loadtest bench-models
+
+loadtests/out/models-quick/iat: | $(STAMP)
+	$(VENV)/bin/iat train --dataset movielens-100k --data-dir $(IAT_DATA_DIR)/movielens-100k --out loadtests/out/run-quick --quick --epochs 1 --max-users 300
+	$(VENV)/bin/iat export --from loadtests/out/run-quick --out loadtests/out/models-quick --no-aoti
+
+bench-models: $(STAMP) $(QUICK_MODELS)/iat
+
+# Locust headless against sequencer + source + ranking on loopback: loadtests/out/locust_*.csv + locust-summary.md
+loadtest: bench-models
+	$(PY) -m loadtests.run --quick-models $(QUICK_MODELS) $(LOADTEST_ARGS)
+
+# Feast pins protobuf/pandas/pyarrow: its own virtualenv, so .venv stays as pinned.
+$(FEAST_VENV)/.installed:
+	test -x $(FEAST_VENV)/bin/python || $(PYTHON) -m venv $(FEAST_VENV)
+	$(FEAST_VENV)/bin/pip install -q --disable-pip-version-check "feast[redis]>=0.40"
+	touch $@
+
+# Score/ingest benchmarks + naive and Feast peers, one run -> loadtests/RESULTS.md (its own section).
+bench: bench-models $(FEAST_VENV)/.installed
+	$(PY) -m loadtests.report --out loadtests/RESULTS.md --quick-models $(QUICK_MODELS) $(BENCH_ARGS)
