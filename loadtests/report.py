@@ -245,6 +245,15 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(text)
 
 
+def attach_locust(results: dict, out: Path = Path("loadtests/out")) -> None:
+    """The latest `make loadtest` summary, when there is one."""
+    summary = out / "locust-summary.json"
+    if summary.is_file():
+        locust = json.loads(summary.read_text())
+        md = out / "locust-summary.md"
+        results["locust"] = {"meta": locust["meta"], "markdown": md.read_text() if md.is_file() else ""}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.report", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("loadtests/RESULTS.md"))
@@ -261,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.from_json:
         results = json.loads(args.from_json.read_text())
+        attach_locust(results)
         if args.notes:
             results["notes"] = args.notes.read_text()
         write_section(args.out, render(results))
@@ -311,11 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         if naive:
             naive[0].kill()
         redis.stop()
-    summary = Path("loadtests/out/locust-summary.json")
-    if summary.is_file():
-        locust = json.loads(summary.read_text())
-        md = Path("loadtests/out/locust-summary.md")
-        results["locust"] = {"meta": locust["meta"], "markdown": md.read_text() if md.is_file() else ""}
+    attach_locust(results)
     if args.notes:
         results["notes"] = args.notes.read_text()
     (work / "results.json").write_text(json.dumps(results, indent=2))

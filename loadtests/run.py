@@ -85,7 +85,7 @@ def read_stats(csv_path: Path) -> list[dict]:
 
 
 def summary_markdown(stats: list[dict], meta: dict) -> str:
-    lines = [f"Locust {meta['duration']} headless, {meta['users']} users (gRPC:REST:ingest = 3:1:1), "
+    lines = [f"Locust {meta['duration']} headless, {meta['users']} users (Locust class weights gRPC:REST:ingest = 3:1:1), "
              f"{meta['max_users']} seeded MovieLens users, {meta['candidates']} candidates, model {meta['model']}; "
              f"{meta['cpus']} CPUs shared by Locust, Redis and the three services.", "",
              "| type | name | requests | failures | req/s | p50 ms | p95 ms | p99 ms |",
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     work = MovieLensWorkload(data_dir)
     users = set(work.user_ids[:args.max_users])
     instances = [i for i in work.instances if i["user_id"] in users]
-    redis = EmbeddedRedis(directory=out / "redis").start()
+    redis = EmbeddedRedis(directory=(out / "redis").resolve()).start()
     env = {"REDIS_URL": redis.url, "IAT_MODEL_DIR": str(model_dir), "IAT_API_TOKEN": "", "IAT_RELOAD_INTERVAL_S": "0",
            "OMP_NUM_THREADS": str(args.threads)}
     services: list[Service] = []

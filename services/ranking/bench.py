@@ -578,7 +578,7 @@ def run(args: argparse.Namespace) -> int:
     embedded = None
     url = args.redis_url
     if url is None:
-        embedded = EmbeddedRedis(directory=work / "redis").start()
+        embedded = EmbeddedRedis(directory=(work / "redis").resolve()).start()
         url = embedded.url
     server = None
     methods = set(args.methods.split(","))

@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     embedded = None
     url = args.redis_url
     if url is None:
-        embedded = EmbeddedRedis(directory=args.work_dir / "redis").start()
+        embedded = EmbeddedRedis(directory=(args.work_dir / "redis").resolve()).start()
         url = embedded.url
     try:
         rows = measure(args, model_dir, url, instances)
