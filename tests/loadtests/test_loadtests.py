@@ -1,0 +1,178 @@
+"""Smoke tests of the load tests and benchmarks: the locustfile's users build valid requests,
+`iat bench score` / `iat bench ingest` run end to end on tiny settings and write their JSON, and
+the report renders its section of RESULTS.md. The benchmarks themselves run under `make bench`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.ranking.protocol import ScoreRequestModel, query_from_model, query_from_proto, validate_query
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # loadtests/ is not an installed package
+    sys.path.insert(0, str(REPO))
+IAT = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())"]
+
+# Locust monkey-patches the whole process with gevent on import: the locustfile is exercised in a
+# child process, which prints the requests its users built.
+LOCUST_PROBE = r"""
+import json, sys
+sys.path.insert(0, "loadtests")
+import locustfile
+from locust.env import Environment
+from google.protobuf.json_format import MessageToDict
+env = Environment(user_classes=[locustfile.GrpcScoreUser, locustfile.RestScoreUser, locustfile.IngestUser],
+                  host="http://ranking.example:8000")
+for user_class in env.user_classes:  # what Locust's runner does with --host when it starts
+    user_class.host = env.host
+grpc_user = locustfile.GrpcScoreUser(env)
+rest_user = locustfile.RestScoreUser(env)
+rest_user.on_start()
+ingest_user = locustfile.IngestUser(env)
+print(json.dumps({
+    "grpc_target": grpc_user.target,
+    "source_url": ingest_user.client.base_url,
+    "grpc": [m.SerializeToString().hex() for m, _ in grpc_user.requests[:8]],
+    "rest": [next(rest_user._next) for _ in range(8)],
+    "ingest": [next(ingest_user._instances) for _ in range(4)],
+    "users": len(locustfile.workload().user_ids),
+}))
+"""
+
+
+def _data_dir(movielens_models) -> Path:
+    return Path(movielens_models.data_dir)
+
+
+@pytest.fixture(scope="module")
+def locust_probe(movielens_models):
+    env = {**os.environ, "IAT_DATA_DIR": str(_data_dir(movielens_models).parent), "IAT_LOADTEST_MAX_USERS": "20"}
+    env.pop("IAT_GRPC_TARGET", None)
+    env.pop("IAT_SOURCE_URL", None)
+    done = subprocess.run([sys.executable, "-c", LOCUST_PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_locust_targets_derive_from_the_host(locust_probe):
+    assert locust_probe["grpc_target"] == "ranking.example:50051"
+    assert locust_probe["source_url"] == "http://ranking.example:8001"
+    assert locust_probe["users"] == 20
+
+
+def test_locust_users_build_valid_score_requests(locust_probe, movielens_models):
+    from iat.ranking.v1 import ranking_pb2
+    from models.featurizer import FeatureSpec, Featurizer
+    from models.serving import latest_version
+
+    manifest = json.loads((latest_version(movielens_models.model_dir, "iat") / "manifest.json").read_text())
+    featurizer = Featurizer(FeatureSpec.from_json(manifest["schema"]))
+    queries = [query_from_model(ScoreRequestModel(**body)) for body in locust_probe["rest"]]
+    queries += [query_from_proto(ranking_pb2.ScoreRequest.FromString(bytes.fromhex(h))) for h in locust_probe["grpc"]]
+    history_users = set()
+    for q in queries:
+        validate_query(q, max_candidates=2000)  # raises on anything the service would reject
+        assert 100 <= q.num_candidates <= 500
+        assert all(f.categorical for f in q.candidate_features), "real items carry their features"
+        featurizer.encode(q.user_id, q.request_time_ms, q.item_ids, q.context.categorical, q.context.numeric,
+                          [f.categorical for f in q.candidate_features], [f.numeric for f in q.candidate_features])
+        history_users.add(q.user_id)
+    assert len(history_users) > 3, "requests spread over users"
+
+
+def test_locust_ingest_user_posts_valid_instances(locust_probe, movielens_models):
+    from services.source.protocol import IngestRequest
+
+    request = IngestRequest(instances=locust_probe["ingest"])
+    assert len(request.instances) == 4
+    assert all(i.labels for i in request.instances)
+
+
+@pytest.fixture(scope="module")
+def bench_outputs(movielens_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "IAT_DATA_DIR": str(_data_dir(movielens_models).parent), "IAT_API_TOKEN": ""}
+    score_cmd = IAT + ["bench", "score", "--quick-models", str(movielens_models.model_dir), "--work-dir", str(root / "score"),
+                       "--history-len", "64", "--candidates", "3,7", "--history", "0,4,80", "--budget", "0.05",
+                       "--min-reps", "2", "--max-reps", "3", "--warmup", "1", "--saturation-s", "0.3",
+                       "--concurrency", "2", "--json", str(root / "score.json"), "--profile", str(root / "profile.txt")]
+    done = subprocess.run(score_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    ingest_cmd = IAT + ["bench", "ingest", "--model-dir", str(movielens_models.model_dir), "--work-dir", str(root / "ingest"),
+                        "--batch-sizes", "1,4", "--instances", "8", "--seconds", "2", "--concurrency", "2",
+                        "--json", str(root / "ingest.json")]
+    done = subprocess.run(ingest_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return root
+
+
+def test_bench_score_writes_every_cell_method_and_ratio(bench_outputs):
+    result = json.loads((bench_outputs / "score.json").read_text())
+    cells = {(r["candidates"], r["history"], r["method"]): r for r in result["rows"]}
+    for c in (3, 7):
+        for n in (0, 4, 80):
+            for method in ("fetch", "assemble", "model", "inproc", "grpc", "rest"):
+                row = cells[(c, n, method)]
+                assert 0 < row["p50_ms"] <= row["p99_ms"], row
+    assert result["model"]["max_history"] == 64  # n = 80 is capped at L (the gRPC call checks it)
+    assert {(t["candidates"], t["history"], t["protocol"]) for t in result["throughput"]} == {
+        (c, n, p) for c in (3, 7) for n in (0, 4, 80) for p in ("grpc", "rest")}
+    assert all(t["errors"] == 0 and t["completed"] > 0 for t in result["throughput"])
+    assert len(result["ratios"]) == 6 and all(r["grpc_over_floor_p50"] > 0 for r in result["ratios"])
+    assert result["profile"]["calls"] >= 20 and (bench_outputs / "profile.txt").stat().st_size > 0
+
+
+def test_bench_ingest_writes_rates_and_shares(bench_outputs):
+    result = json.loads((bench_outputs / "ingest.json").read_text())
+    rows = {(r["mode"], r["batch_size"]): r for r in result["rows"]}
+    assert set(rows) == {(m, b) for m in ("direct", "asgi", "http") for b in (1, 4)}
+    for (mode, _), row in rows.items():
+        assert row["instances"] > 0 and row["instances_per_s"] > 0
+        if mode != "http":
+            shares = [row[k] for k in ("share_model", "share_store", "share_featurize", "share_framework")]
+            assert all(s >= 0 for s in shares) and sum(shares) == pytest.approx(1.0, abs=0.02)
+            assert row["share_model"] > 0
+
+
+def test_report_renders_and_replaces_only_its_section(bench_outputs, tmp_path):
+    from loadtests.report import END, START, render, write_section
+
+    score = json.loads((bench_outputs / "score.json").read_text())
+    ingest = json.loads((bench_outputs / "ingest.json").read_text())
+    fetch = {"ours_before": [{"user": "bench-h4", "length": 4, "p50_ms": 0.2, "p95_ms": 0.3, "p99_ms": 0.4}],
+             "ours_after": [{"user": "bench-h4", "length": 4, "p50_ms": 0.2, "p95_ms": 0.3, "p99_ms": 0.4}],
+             "results": [{"user": "bench-h4", "length": 4, "p50_ms": 2.0, "p95_ms": 3.0, "p99_ms": 9.0}], "feast": "x"}
+    results = {"meta": {"command": "python -m loadtests.report", "date": "today", "cpus": 2, "python": "3.11"},
+               "score": score, "ingest": ingest, "fetch": fetch}
+    section = render(results)
+    assert section.startswith(START) and section.endswith(END)
+    assert "grpc p50 / p95 / p99 ms" in section and "Throughput at saturation" in section
+    assert "| bench-h4 | 4 |" in section and "10.0x" in section  # Feast / ours
+    assert "Profile of one Score" in section and "| direct | 1 |" in section
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Benchmark results\n\n## Store reads\n\nkeep me\n")
+    write_section(results_md, section)
+    write_section(results_md, section.replace("today", "tomorrow"))
+    text = results_md.read_text()
+    assert "keep me" in text and text.count(START) == 1 and "tomorrow" in text and "(today)" not in text
+
+
+@pytest.mark.slow
+def test_make_loadtest_runs_locust_headless_and_writes_csvs(movielens_models, tmp_path):
+    env = {**os.environ, "IAT_DATA_DIR": str(_data_dir(movielens_models).parent)}
+    cmd = [sys.executable, "-m", "loadtests.run", "--quick-models", str(movielens_models.model_dir), "--out", str(tmp_path),
+           "--duration", "6s", "--users", "3", "--spawn-rate", "3", "--max-users", "5"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "locust-summary.json").read_text())
+    names = {row["Name"] for row in summary["stats"]}
+    assert any(n.startswith("Score") for n in names) and any(n.startswith("/v1/score") for n in names)
+    assert any(n.startswith("/v1/instances") for n in names)
+    total = next(r for r in summary["stats"] if r["Name"] == "Aggregated")
+    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
