@@ -68,7 +68,7 @@ loadtest: bench-models
 # Feast pins protobuf/pandas/pyarrow: its own virtualenv, so .venv stays as pinned.
 $(FEAST_VENV)/.installed:
 	test -x $(FEAST_VENV)/bin/python || $(PYTHON) -m venv $(FEAST_VENV)
-	$(FEAST_VENV)/bin/pip install -q --disable-pip-version-check "feast[redis]>=0.40"
+	$(FEAST_VENV)/bin/pip install -q --disable-pip-version-check "feast[redis]==0.67.0"
 	touch $@
 
 # Score/ingest benchmarks + naive and Feast peers, one run -> loadtests/RESULTS.md (its own section).
