@@ -41,6 +41,7 @@ DOCKERFILE = "deploy/Dockerfile"
 DOCUMENTED_ENV = {
     "REDIS_PASSWORD": "k8s: from the Secret, interpolated into REDIS_URL as $(REDIS_PASSWORD)",
     "SOURCE_URL": "compose seed job: where deploy/jobs/seed.sh posts the instances",
+    "IAT_SOURCE_URL": "loadtests/locustfile.py: where the ingest user posts (not a service setting)",
 }
 HEALTH_PATHS = {route.path for route in health_router({}).routes}
 
