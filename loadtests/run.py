@@ -22,42 +22,14 @@ from pathlib import Path
 
 import httpx
 
-from services.ranking.bench import (MovieLensWorkload, build_bench_models, default_data_dir,
-                                    default_quick_models, free_port)
+from services.processes import ServiceProcess, free_port
+from services.ranking.bench import MovieLensWorkload, build_bench_models, default_data_dir, default_quick_models
 
 
-class Service:
-    def __init__(self, kind: str, env: dict, log_dir: Path, extra: list[str] = ()) -> None:
-        self.port = free_port()
-        self.log_path = log_dir / f"{kind}.log"
-        self._log = open(self.log_path, "ab")
-        cmd = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())", "serve", kind,
-               "--host", "127.0.0.1", "--port", str(self.port), *extra]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout_s: float = 90.0) -> "Service":
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.log_path.stem} exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.log_path.stem} not ready: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-        self._log.close()
+def start_service(kind: str, env: dict, log_dir: Path, extra: list[str] = ()) -> ServiceProcess:
+    """``iat serve <kind>`` on loopback, waited on until /readyz answers."""
+    return ServiceProcess(["serve", kind, "--host", "127.0.0.1", *extra], log_path=log_dir / f"{kind}.log",
+                          env=env).wait("/readyz", timeout_s=90)
 
 
 def seed(source_url: str, redis_url: str, instances: list[dict], batch: int = 512) -> float:
@@ -124,21 +96,21 @@ def main(argv: list[str] | None = None) -> int:
            "OMP_NUM_THREADS": str(args.threads)}
     services: list[Service] = []
     try:
-        services.append(Service("sequencer", env, out).wait_ready())
-        source = Service("source", env, out).wait_ready()
+        services.append(start_service("sequencer", env, out))
+        source = start_service("source", env, out)
         services.append(source)
         grpc_port = free_port()
-        ranking = Service("ranking", env, out, ["--grpc-port", str(grpc_port)]).wait_ready()
+        ranking = start_service("ranking", env, out, ["--grpc-port", str(grpc_port)])
         services.append(ranking)
-        seconds = seed(source.url, redis.url, instances)
+        seconds = seed(source.base_url, redis.url, instances)
         print(f"seeded {len(instances)} instances of {len(users)} users in {seconds:.1f}s", flush=True)
         prefix = out / "locust"
-        locust_env = {**os.environ, "IAT_GRPC_TARGET": f"127.0.0.1:{grpc_port}", "IAT_SOURCE_URL": source.url,
+        locust_env = {**os.environ, "IAT_GRPC_TARGET": f"127.0.0.1:{grpc_port}", "IAT_SOURCE_URL": source.base_url,
                       "IAT_LOADTEST_MAX_USERS": str(args.max_users), "IAT_LOADTEST_CANDIDATES": args.candidates,
                       "IAT_DATA_DIR": str(data_dir.parent)}
         locust_env.pop("IAT_API_TOKEN", None)
         cmd = [sys.executable, "-m", "locust", "-f", str(Path(__file__).with_name("locustfile.py")), "--headless",
-               "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration, "--host", ranking.url,
+               "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration, "--host", ranking.base_url,
                "--csv", str(prefix), "--only-summary", "--stop-timeout", "10"]
         print(" ".join(cmd), flush=True)
         rc = subprocess.call(cmd, env=locust_env)

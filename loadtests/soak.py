@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,17 +29,12 @@ from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from models.raw import raw_instances
 from models.schema import load_schema
 from models.serving import latest_version
+from services.processes import ServiceProcess, ensure_quick_models, free_port
 from storage.connection import EmbeddedRedis, connect
 from storage.stream import InstanceStream
 
 USER_SIDE = ("age", "gender", "occupation", "zip_code")
 DAY_MS = 86_400_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -52,51 +44,16 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-class Service:
+class Service(ServiceProcess):
+    """``iat serve <name>`` for the soak, named for its RSS column."""
+
     def __init__(self, name: str, args: list[str], env: dict, log_dir: Path) -> None:
         self.name = name
-        self.port = free_port()
-        self.log = open(log_dir / f"{name}.log", "ab")
-        iat = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())"]
-        self.proc = subprocess.Popen(iat + ["serve", name, "--port", str(self.port), *args], env={**os.environ, **env},
-                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(["serve", name, *args], log_path=log_dir / f"{name}.log", env=env)
+        self.url = self.base_url
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} (see {self.log.name})")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.name} not ready in {timeout_s}s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-        self.log.close()
-
-
-def ensure_models(model_dir: Path, data_dir: Path) -> None:
-    """Train and export the quick MovieLens set when ``model_dir`` holds none (a few minutes)."""
-    if all(latest_version(model_dir, n) is not None for n in ("iat", "source")):
-        return
-    run_dir = model_dir.parent / (model_dir.name + "-run")
-    iat = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())"]
-    subprocess.run(iat + ["train", "--dataset", "movielens-100k", "--data-dir", str(data_dir), "--out", str(run_dir),
-                          "--quick", "--epochs", "1", "--max-users", "300", "--no-progress"], check=True,
-                   stdin=subprocess.DEVNULL)
-    subprocess.run(iat + ["export", "--from", str(run_dir), "--out", str(model_dir), "--no-aoti"], check=True,
-                   stdin=subprocess.DEVNULL)
+        self.wait("/readyz", timeout_s)
 
 
 class Counters:
@@ -205,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("artifacts/soak.json"))
     args = parser.parse_args(argv)
 
-    ensure_models(args.model_dir, args.data_dir)
+    ensure_quick_models(args.model_dir, args.data_dir)
     instances = raw_instances(load_schema("movielens-100k"), args.data_dir)
     work = Path(tempfile.mkdtemp(prefix="iat-soak-"))
     redis_server = EmbeddedRedis(directory=work / "redis").start()

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from services.processes import IAT, ServiceProcess
+
 N_CANDIDATES = 100
 TOP_K = 10
 
@@ -47,41 +49,16 @@ class Processes:
     """Child processes of the demo, stopped on exit, Ctrl-C or SIGTERM."""
 
     log_dir: Path
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    procs: dict[str, ServiceProcess] = field(default_factory=dict)
 
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env={**os.environ, **env},
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def wait_healthy(self, name: str, url: str, timeout_s: float = 120.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                tail = (self.log_dir / f"{name}.log").read_text()[-2000:]
-                raise RuntimeError(f"{name} exited with {self.procs[name].returncode}:\n{tail}")
-            try:
-                if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{name} not ready after {timeout_s:.0f}s (log: {self.log_dir / name}.log)")
+    def start(self, name: str, args: list[str], env: dict[str, str], port: int) -> ServiceProcess:
+        self.procs[name] = ServiceProcess(args, log_path=self.log_dir / f"{name}.log", env=env, http_port=port,
+                                          new_session=True)
+        return self.procs[name]
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            proc.stop()
 
 
 def _sigterm_as_interrupt(*_):
@@ -193,8 +170,8 @@ def run_demo(data_dir: Path | None, out_dir: Path, max_users: int, quick: bool, 
 
     say("== 3/6 exporting (TorchScript + manifest with sha256)")
     model_dir = out_dir / "models"
-    subprocess.run([sys.executable, "-m", "services.cli", "export", "--from", str(run_dir), "--out", str(model_dir),
-                    "--no-aoti"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(IAT + ["export", "--from", str(run_dir), "--out", str(model_dir), "--no-aoti"], check=True,
+                   stdout=subprocess.DEVNULL)
 
     say("== 4/6 starting embedded Redis, sequencer, source and ranking")
     redis_server = EmbeddedRedis(directory=out_dir / "redis").start()
@@ -205,13 +182,10 @@ def run_demo(data_dir: Path | None, out_dir: Path, max_users: int, quick: bool, 
                  "grpc": pick_port(50051)}
         env = {"REDIS_URL": redis_server.url, "IAT_MODEL_DIR": str(model_dir), "IAT_RUNTIME": "torchscript",
                "IAT_RELOAD_INTERVAL_S": "0"}
-        procs.start("sequencer", ["serve", "sequencer", "--port", str(ports["sequencer"])], env)
-        procs.start("source", ["serve", "source", "--port", str(ports["source"])], env)
-        procs.start("ranking", ["serve", "ranking", "--port", str(ports["ranking"]), "--grpc-port",
-                                str(ports["grpc"])], env)
-        urls = {n: f"http://127.0.0.1:{ports[n]}" for n in ("ranking", "source", "sequencer")}
-        for name, url in urls.items():
-            procs.wait_healthy(name, url)
+        procs.start("sequencer", ["serve", "sequencer"], env, ports["sequencer"])
+        procs.start("source", ["serve", "source"], env, ports["source"])
+        procs.start("ranking", ["serve", "ranking", "--grpc-port", str(ports["grpc"])], env, ports["ranking"])
+        urls = {name: proc.wait("/readyz").base_url for name, proc in procs.procs.items()}
         say(f"   redis {redis_server.url}; gRPC 127.0.0.1:{ports['grpc']}; " +
             ", ".join(f"{n} {u}" for n, u in urls.items()))
 
@@ -298,7 +272,7 @@ def run_demo(data_dir: Path | None, out_dir: Path, max_users: int, quick: bool, 
                        time.perf_counter() - t_start, out_dir, keep_running)
         if keep_running:
             say("services keep running: press Ctrl-C to stop them")
-            while all(p.poll() is None for p in procs.procs.values()):
+            while all(p.proc.poll() is None for p in procs.procs.values()):
                 time.sleep(1)
         return 0
     except KeyboardInterrupt:

@@ -149,63 +149,15 @@ def cluster_client(redis_cluster):
         client.close()
 
 
-class ServiceProcess:
-    """A real `iat serve ...` process on loopback, started and waited on until /healthz answers."""
-
-    def __init__(self, args: list[str], env: dict[str, str], http_port: int, log_path) -> None:
-        import os
-        import sys
-
-        self.http_port = http_port
-        self.log_path = log_path
-        full_env = {**os.environ, **env}
-        self._log = open(log_path, "ab")
-        iat = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())"]
-        self.proc = subprocess.Popen(iat + args, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def wait_healthy(self, timeout_s: float = 60.0) -> "ServiceProcess":
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.base_url + "/healthz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"service not healthy in {timeout_s}s: {self.log_path.read_text()[-3000:]}")
-
-    def kill(self, sig: int = 9) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-        self._log.close()
-
-
 def _service_starter(log_dir):
+    from services.processes import ServiceProcess
+
     procs: list[ServiceProcess] = []
 
     def start(args: list[str], env: dict[str, str] | None = None, http_port: int | None = None) -> ServiceProcess:
-        port = http_port or free_port()
-        p = ServiceProcess(args + ["--port", str(port)], env or {}, port, log_dir / f"service-{len(procs)}.log")
+        p = ServiceProcess(args, log_path=log_dir / f"service-{len(procs)}.log", env=env, http_port=http_port)
         procs.append(p)
-        return p.wait_healthy()
+        return p.wait("/healthz", timeout_s=60)
 
     return start, procs
 
@@ -241,11 +193,11 @@ def movielens_dir():
 def movielens_models(tmp_path_factory):
     """The serving set trained on MovieLens-100K (short settings) and exported (TorchScript +
     eager): (run_dir, model_dir). Trained once per test session; real data, real models."""
-    import sys
-    from types import SimpleNamespace
-
     import os
     from pathlib import Path
+    from types import SimpleNamespace
+
+    from services.processes import ensure_quick_models
 
     data_dir = movielens_dir()
     if not (data_dir / "ml-100k.inter").exists():
@@ -255,10 +207,5 @@ def movielens_models(tmp_path_factory):
         return SimpleNamespace(run_dir=None, model_dir=Path(os.environ["IAT_TEST_MODEL_DIR"]),
                                data_dir=data_dir, max_users=max_users)
     root = tmp_path_factory.mktemp("movielens-models")
-    iat = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())"]
-    subprocess.run(iat + ["train", "--dataset", "movielens-100k", "--data-dir", str(data_dir), "--out",
-                          str(root / "run"), "--quick", "--epochs", "1", "--max-users", str(max_users),
-                          "--no-progress"], check=True)
-    subprocess.run(iat + ["export", "--from", str(root / "run"), "--out", str(root / "models"), "--no-aoti"],
-                   check=True)
-    return SimpleNamespace(run_dir=root / "run", model_dir=root / "models", data_dir=data_dir, max_users=max_users)
+    ensure_quick_models(root / "models", data_dir, max_users=max_users)
+    return SimpleNamespace(run_dir=root / "models-run", model_dir=root / "models", data_dir=data_dir, max_users=max_users)

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -40,6 +39,8 @@ from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import numpy as np
+
+from services.processes import ServiceProcess, free_port
 
 CANDIDATES = (100, 500, 1000)
 HISTORIES = (0, 64, 256)
@@ -150,56 +151,20 @@ def to_proto(body: dict):
 
 # ---------------------------------------------------------------- the served process
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RankingProcess:
-    """A real ``iat serve ranking`` on loopback, waited on until /readyz answers."""
+class RankingProcess(ServiceProcess):
+    """A real ``iat serve ranking`` on loopback for the benchmark (no token, no hot reload)."""
 
     def __init__(self, model_dir: Path, redis_url: str, threads: int, runtime: str, log_path: Path,
                  extra_env: dict | None = None) -> None:
-        self.http_port, self.grpc_port = free_port(), free_port()
-        env = {**os.environ, "REDIS_URL": redis_url, "IAT_MODEL_DIR": str(model_dir), "IAT_RELOAD_INTERVAL_S": "0",
+        self.grpc_port = free_port()
+        env = {"REDIS_URL": redis_url, "IAT_MODEL_DIR": str(model_dir), "IAT_RELOAD_INTERVAL_S": "0",
                "IAT_RUNTIME": runtime, "OMP_NUM_THREADS": str(threads), "IAT_API_TOKEN": "", **(extra_env or {})}
-        self._log = open(log_path, "ab")
-        self.log_path = log_path
-        cmd = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())", "serve", "ranking",
-               "--host", "127.0.0.1", "--port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        super().__init__(["serve", "ranking", "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port)],
+                         log_path=log_path, env=env)
 
     def wait_ready(self, timeout_s: float = 60.0) -> "RankingProcess":
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"iat serve ranking exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.base_url + "/readyz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"ranking not ready in {timeout_s}s: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-        self._log.close()
+        self.wait("/readyz", timeout_s)
+        return self
 
 
 class InlineExecutor(Executor):
