@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 # The full suite, slow end-to-end tests included (what CI runs).
 test: $(STAMP)
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 # Everything but the tests marked slow.
 test-fast: $(STAMP)
