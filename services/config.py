@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     ingest_max_request: int = Field(default=1024, gt=0, description="instances per POST, more is rejected")
     ingest_max_batch: int = Field(default=512, gt=0, description="instances per coalesced model forward")
     ingest_max_wait_ms: float = Field(default=2.0, ge=0)
+    raw_stream: str | None = Field(default=None, description="also ingest raw instances from this Redis stream")
 
     # Sequencer.
     sequencer_workers: int = Field(default=1, gt=0)

@@ -1,7 +1,10 @@
 """`iat serve source`: POST /v1/instances on the HTTP port (DESIGN.md section 7)."""
 from __future__ import annotations
 
+import asyncio
 import gc
+import os
+import socket
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +23,7 @@ from services.health import health_router
 from services.http_errors import error_body, install_error_handlers
 from services.security import RequestGuard
 from services.source.batcher import MicroBatcher
+from services.source.raw_stream import RawInstanceConsumer
 from services.source.ingest import Ingestor
 from services.source.protocol import IngestRejected, IngestRequest, IngestResponse, validate_against_model
 from storage.connection import connect
@@ -67,9 +71,16 @@ class SourceService:
         @asynccontextmanager
         async def lifespan(_: FastAPI):
             self.batcher.start()
+            consumer = None
+            if self.settings.raw_stream:
+                name = self.settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+                self.raw_consumer = RawInstanceConsumer(self, self.settings.raw_stream, "source", name)
+                consumer = asyncio.create_task(self.raw_consumer.run())
             gc.collect()
             gc.freeze()  # the loaded model and start-up objects stay out of GC passes
             yield
+            if consumer:
+                consumer.cancel()
             await self.batcher.stop()
             self.executor.shutdown(wait=False)
 
