@@ -17,7 +17,7 @@ from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from services.config import Settings
 from storage.connection import connect
 from storage.instance_store import InstanceStore
-from tests.conftest import ServiceProcess, free_port
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token-for-tests"
