@@ -45,11 +45,26 @@ def _resolve_data_dir(schema, data_dir: Path | None) -> Path:
                             f"not found in {base} or {base / schema.name}")
 
 
-def run(args: argparse.Namespace) -> int:
+def load_named_dataset(schema_path: Path | None, dataset: str | None, data_dir: Path | None,
+                       synthetic_dir: Path):
+    """The dataset a command names (``--schema FILE``, ``--dataset NAME`` or ``synthetic``, and
+    ``--data-dir``) -> (schema, PreparedData). Raises SchemaError / FileNotFoundError."""
     from models.data import load_dataset
-    from models.experiment import ROWS, ExperimentConfig, results_table, run_experiment, write_results
-    from models.schema import DatasetSchema, SchemaError, load_schema
+    from models.schema import DatasetSchema, load_schema
     from models.synthetic import write_synthetic
+
+    if dataset == "synthetic":
+        data_dir = data_dir or synthetic_dir
+        schema = DatasetSchema.from_toml(write_synthetic(data_dir))
+    else:
+        schema = DatasetSchema.from_toml(schema_path) if schema_path else load_schema(dataset or "movielens-100k")
+        data_dir = _resolve_data_dir(schema, data_dir)
+    return schema, load_dataset(schema, data_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.experiment import ROWS, ExperimentConfig, results_table, run_experiment, write_results
+    from models.schema import SchemaError
 
     if args.list_rows:
         for name, spec in ROWS.items():
@@ -65,14 +80,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     t0 = time.perf_counter()
     try:
-        if args.dataset == "synthetic":
-            data_dir = args.data_dir or args.out / "synthetic-data"
-            schema = DatasetSchema.from_toml(write_synthetic(data_dir))
-        else:
-            schema = DatasetSchema.from_toml(args.schema) if args.schema else load_schema(
-                args.dataset or "movielens-100k")
-            data_dir = _resolve_data_dir(schema, args.data_dir)
-        data = load_dataset(schema, data_dir)
+        schema, data = load_named_dataset(args.schema, args.dataset, args.data_dir, args.out / "synthetic-data")
     except (SchemaError, FileNotFoundError) as exc:
         print(f"iat experiment: {exc}", file=sys.stderr)
         return 2

@@ -32,22 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from models.data import load_dataset
     from models.experiment import ExperimentConfig
-    from models.schema import DatasetSchema, SchemaError, load_schema
-    from models.synthetic import write_synthetic
+    from models.schema import SchemaError
     from models.train_serving import train_serving_set
-    from services.cli.experiment import _resolve_data_dir
+    from services.cli.experiment import load_named_dataset
 
     try:
-        if args.synthetic:
-            data_dir = args.data_dir or args.out / "synthetic-data"
-            schema = DatasetSchema.from_toml(write_synthetic(data_dir))
-        else:
-            schema = DatasetSchema.from_toml(args.schema) if args.schema else load_schema(
-                args.dataset or "movielens-100k")
-            data_dir = _resolve_data_dir(schema, args.data_dir)
-        data = load_dataset(schema, data_dir)
+        _, data = load_named_dataset(args.schema, "synthetic" if args.synthetic else args.dataset,
+                                     args.data_dir, args.out / "synthetic-data")
         if args.max_users is not None:
             if args.max_users < 1:
                 raise SchemaError(f"--max-users: must be >= 1, got {args.max_users}")
