@@ -19,11 +19,12 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from services.processes import ServiceProcess
 
 BATCH_SIZES = (1, 64, 512)
 PARTS = ("featurize", "history", "model", "store")
@@ -121,31 +122,12 @@ def _http(base_url: str, batches: list[list[dict]], concurrency: int, seconds: f
     return done[0], time.perf_counter() - start
 
 
-def _start_source(model_dir: Path, redis_url: str, threads: int, log_path: Path):
-    import httpx
-
-    from services.ranking.bench import free_port
-
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "IAT_MODEL_DIR": str(model_dir), "OMP_NUM_THREADS": str(threads),
+def _start_source(model_dir: Path, redis_url: str, threads: int, log_path: Path) -> ServiceProcess:
+    """A real ``iat serve source`` on loopback for the benchmark (no token), waited on until ready."""
+    env = {"REDIS_URL": redis_url, "IAT_MODEL_DIR": str(model_dir), "OMP_NUM_THREADS": str(threads),
            "IAT_API_TOKEN": ""}
-    log = open(log_path, "ab")
-    cmd = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())", "serve", "source",
-           "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"iat serve source exited: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError(f"source not ready: {log_path.read_text()[-2000:]}")
+    return ServiceProcess(["serve", "source", "--host", "127.0.0.1"], log_path=log_path, env=env).wait(
+        "/readyz", timeout_s=60)
 
 
 def measure(args, model_dir: Path, redis_url: str, instances: list[dict]) -> list[dict]:
@@ -190,7 +172,7 @@ def measure(args, model_dir: Path, redis_url: str, instances: list[dict]) -> lis
                     fresh.executor.shutdown(wait=False)
                     timings = fresh.ingestor.timings
                 elif mode == "http":
-                    done, wall = _http(server[1], batches, args.concurrency, args.seconds)
+                    done, wall = _http(server.base_url, batches, args.concurrency, args.seconds)
                 else:
                     raise SystemExit(f"--modes: unknown mode {mode!r} (direct, asgi, http)")
                 row = {"mode": mode, "batch_size": size, "instances": done, "seconds": wall,
@@ -204,8 +186,7 @@ def measure(args, model_dir: Path, redis_url: str, instances: list[dict]) -> lis
                          if "share_model" in row else ""), flush=True)
     finally:
         if server:
-            server[0].terminate()
-            server[0].wait(15)
+            server.stop()
         service.executor.shutdown(wait=False)
     return rows
 
