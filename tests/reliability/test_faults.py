@@ -142,10 +142,20 @@ def test_redis_restart_under_load(movielens_models, instances, redis, start_serv
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         loops = [pool.submit(grpc_loop, strict_port, "grpc"), pool.submit(grpc_loop, degraded_port, "degraded"),
                  pool.submit(rest_loop)]
-        # Ingest keeps going through the outage, retrying on 503 (in batches of 100).
-        ingest = pool.submit(lambda: [_post_with_retries(source.base_url, second[i:i + 100])
-                                      for i in range(0, len(second), 100)])
-        time.sleep(1.5)
+        # Ingest keeps going through the outage, retrying on 503, in batches of 100 paced one per
+        # 0.3 s: 15 batches span 4.5 s, so some are posted while Redis is down (1.5 s .. 3.5 s)
+        # however fast the machine is (unpaced, a quiet machine finished before the outage).
+        t_start = time.monotonic()
+
+        def paced_ingest():
+            results = []
+            for k, i in enumerate(range(0, len(second), 100)):
+                time.sleep(max(0.0, t_start + 0.3 * k - time.monotonic()))
+                results.append(_post_with_retries(source.base_url, second[i:i + 100]))
+            return results
+
+        ingest = pool.submit(paced_ingest)
+        time.sleep(max(0.0, t_start + 1.5 - time.monotonic()))
         down_at = time.monotonic()
         redis.stop()
         time.sleep(2.0)
