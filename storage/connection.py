@@ -64,7 +64,10 @@ class EmbeddedRedis:
         startup_timeout_s: float = 15.0,
     ) -> None:
         self._own_dir = directory is None
-        self.directory = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="iat-redis-"))
+        # Absolute: redis-server changes into --dir before it opens --logfile, so a relative
+        # path would be resolved twice (and the log not found).
+        self.directory = (Path(directory) if directory is not None
+                          else Path(tempfile.mkdtemp(prefix="iat-redis-"))).resolve()
         self.port = port
         self.password = password
         self.extra_args = list(extra_args)
