@@ -16,8 +16,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from models.raw import raw_instances
-from models.schema import DatasetSchema, load_schema
+from models.data.raw import raw_instances
+from models.data.schema import DatasetSchema, load_schema
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

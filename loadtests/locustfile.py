@@ -38,7 +38,7 @@ from locust import HttpUser, User, between, task
 from locust.clients import HttpSession
 
 from iat.ranking.v1 import ranking_pb2_grpc
-from services.ranking.bench import MovieLensWorkload, to_proto
+from harness.bench_ranking import MovieLensWorkload, to_proto
 
 POOL_SIZE = 64  # prebuilt requests per protocol: the client must not eat the cores it measures
 _lock = threading.Lock()

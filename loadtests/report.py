@@ -4,10 +4,10 @@
 
 One loopback redis-server (TCP, since Feast's Redis store speaks TCP only) serves all of:
   1. ``iat bench score`` (in process, gRPC, REST, floor, saturation; the naive peer of
-     ``loadtests/peers/naive_server.py`` timed alongside; a cProfile of one Score)
+     ``harness/peers/naive_server.py`` timed alongside; a cProfile of one Score)
   2. ``iat bench ingest``
   3. the history fetch: our fused read against Feast's Redis online store
-     (``loadtests/peers/feast_fetch.py`` in ``.venv-feast``) for the same users' embeddings,
+     (``harness/peers/feast_fetch.py`` in ``.venv-feast``) for the same users' embeddings,
      ours timed before and after Feast (A-B-A) to show the drift of the shared machine
   4. the latest ``make loadtest`` summary, when there is one
 The section between the markers below is replaced; the rest of the file is kept.
@@ -35,14 +35,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _iat(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())", *args]
+    return [sys.executable, "-c", "from cli import main; raise SystemExit(main())", *args]
 
 
 def _start_naive(model_dir: Path, redis_url: str, log: Path) -> tuple[subprocess.Popen, str]:
-    from services.ranking.bench import free_port
+    from harness.bench_ranking import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(REPO / "loadtests/peers/naive_server.py"), "--model-dir", str(model_dir),
+    proc = subprocess.Popen([sys.executable, str(REPO / "harness/peers/naive_server.py"), "--model-dir", str(model_dir),
                              "--redis-url", redis_url, "--port", str(port)],
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)
@@ -63,7 +63,7 @@ def _start_naive(model_dir: Path, redis_url: str, log: Path) -> tuple[subprocess
 
 def our_fetch(redis_url: str, model_dir: Path, users: list[str], iterations: int) -> list[dict]:
     """The fused read (what serving calls) of each user's newest L records, timed like Feast's."""
-    from models.serving import latest_version, load_ranking_model
+    from models.runtime.loader import latest_version, load_ranking_model
     from services.ranking.registry import ModelRegistry
     from storage.connection import connect
     from storage.instance_store import InstanceStore
@@ -89,7 +89,7 @@ def our_fetch(redis_url: str, model_dir: Path, users: list[str], iterations: int
 
 
 def histories_for_feast(redis_url: str, model_dir: Path, users: list[str], path: Path) -> None:
-    from models.serving import latest_version, load_ranking_model
+    from models.runtime.loader import latest_version, load_ranking_model
     from services.ranking.registry import ModelRegistry
     from storage.connection import connect
     from storage.instance_store import InstanceStore
@@ -115,7 +115,7 @@ def fetch_peer(args, redis, model_dir: Path, out: Path) -> dict:
         result["feast_error"] = f"{feast_python} not found (make bench creates .venv-feast with feast[redis])"
         return result
     histories_for_feast(redis.url, model_dir, users, out / "feast-input.json")
-    cmd = [str(feast_python), str(REPO / "loadtests/peers/feast_fetch.py"), "--input", str(out / "feast-input.json"),
+    cmd = [str(feast_python), str(REPO / "harness/peers/feast_fetch.py"), "--input", str(out / "feast-input.json"),
            "--redis", f"127.0.0.1:{redis.port}", "--iterations", str(args.fetch_iterations)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
@@ -134,8 +134,8 @@ def _fmt(v, digits=2):
 
 
 def render(results: dict) -> str:
-    from services.ranking.bench import markdown as score_markdown
-    from services.source.bench import markdown as ingest_markdown
+    from harness.bench_ranking import markdown as score_markdown
+    from harness.bench_source import markdown as ingest_markdown
 
     meta = results["meta"]
     score = results.get("score")
@@ -155,7 +155,7 @@ def render(results: dict) -> str:
                   "items with their features, user `bench-h<n>` with exactly n stored records. "
                   "Methods: fetch = fused read alone, assemble = featurization alone, model = forward alone, "
                   "inproc = `RankingServing.score`, grpc / rest = a real `iat serve ranking` on loopback, "
-                  "peer:naive = `loadtests/peers/naive_server.py` (TorchScript `IATNaive` behind FastAPI, "
+                  "peer:naive = `harness/peers/naive_server.py` (TorchScript `IATNaive` behind FastAPI, "
                   "history re-encoded per candidate; timed on fewer rounds).", "",
                   score_markdown(score), ""]
         lines += goals(results)
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from services.ranking.bench import build_bench_models, default_quick_models
+    from harness.bench_ranking import build_bench_models, default_quick_models
     from storage.connection import EmbeddedRedis
 
     skip = set(filter(None, args.skip.split(",")))
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     quick = args.quick_models or default_quick_models()
     model_dir = build_bench_models(quick, work / "models")
-    from services.ranking.bench import free_port
+    from harness.bench_ranking import free_port
     redis = EmbeddedRedis(directory=Path(tempfile.mkdtemp(prefix="iat-report-redis-")), port=free_port()).start()
     command = "python -m loadtests.report " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     results = {"meta": {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),

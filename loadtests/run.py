@@ -22,8 +22,13 @@ from pathlib import Path
 
 import httpx
 
-from services.processes import ServiceProcess, free_port
-from services.ranking.bench import MovieLensWorkload, build_bench_models, default_data_dir, default_quick_models
+from harness.processes import ServiceProcess, free_port
+from harness.bench_ranking import (
+    MovieLensWorkload,
+    build_bench_models,
+    default_data_dir,
+    default_quick_models,
+)
 
 
 def start_service(kind: str, env: dict, log_dir: Path, extra: list[str] = ()) -> ServiceProcess:
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     redis = EmbeddedRedis(directory=(out / "redis").resolve()).start()
     env = {"REDIS_URL": redis.url, "IAT_MODEL_DIR": str(model_dir), "IAT_API_TOKEN": "", "IAT_RELOAD_INTERVAL_S": "0",
            "OMP_NUM_THREADS": str(args.threads)}
-    services: list[Service] = []
+    services: list[ServiceProcess] = []
     try:
         services.append(start_service("sequencer", env, out))
         source = start_service("source", env, out)

@@ -26,10 +26,9 @@ import httpx
 import numpy as np
 
 from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from models.raw import raw_instances
-from models.schema import load_schema
-from models.serving import latest_version
-from services.processes import ServiceProcess, ensure_quick_models, free_port
+from models.data.raw import raw_instances
+from models.data.schema import load_schema
+from harness.processes import ServiceProcess, ensure_quick_models, free_port
 from storage.connection import EmbeddedRedis, connect
 from storage.stream import InstanceStream
 

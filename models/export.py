@@ -14,7 +14,7 @@ runs is what training ran:
   from BEFORE the SIT as stored; SIF codes [B, N_s * R] of the Sample Tokenizer, float64
   quantization as in ``SampleTokenizer.quantize``).
 
-Shape rules the runtimes rely on (``models.serving`` enforces them): histories are padded to at
+Shape rules the runtimes rely on (``models.runtime.loader`` enforces them): histories are padded to at
 least ``MIN_DYNAMIC`` slots with mask False, candidate/instance batches to at least
 ``MIN_DYNAMIC`` rows; padding never changes a real row's output (masked keys get zero weight,
 rows are independent).
@@ -22,285 +22,23 @@ rows are independent).
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.base import FeatureShape, ModelConfig
-from models.downstream import IATDownstream, gap_bucket
-from models.sif.mixer import SIFMixer, recency_bucket
-from models.sif.rvq import ResidualVQ
-from models.sif.spec import CategoricalField, FeatureGroup, SampleInputs, SampleSchema
-from models.sif.subtokens import SubTokenEncoder
-from models.source import UserOrderSource
+from contract.inputs import CONTRACTS, MAX_CANDIDATES, MIN_DYNAMIC
+from models.runtime.modules import build_module
 
 # TorchScript is deprecated in torch 2.13 and says so on every trace/save/load; the path is kept
 # on purpose (the design card's format), so exactly those messages are silenced, once.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
 
-MIN_DYNAMIC = 2      # dynamic dims start at 2: torch.export specialises sizes 0 and 1
-MAX_CANDIDATES = 1 << 16
-
-# Input/output contract of every exported forward (names, dtypes, shapes); goes into manifest.json.
-CONTRACTS = {
-    "iat": {
-        "inputs": [
-            {"name": "hist_emb", "dtype": "float32", "shape": ["n", "d"]},
-            {"name": "hist_labels", "dtype": "int64", "shape": ["n", "T"], "note": "-1 = unknown"},
-            {"name": "hist_ts", "dtype": "int64", "shape": ["n"], "note": "ms, newest first"},
-            {"name": "hist_items", "dtype": "int64", "shape": ["n"], "note": "item hashes"},
-            {"name": "hist_mask", "dtype": "bool", "shape": ["n"], "note": "False = padding"},
-            {"name": "request_ms", "dtype": "int64", "shape": [1]},
-            {"name": "cat", "dtype": "int64", "shape": ["C", "F_cat"]},
-            {"name": "multi", "dtype": "int64", "shape": ["C", "F_multi", "M"]},
-            {"name": "num", "dtype": "float32", "shape": ["C", "F_num"]},
-        ],
-        "outputs": [{"name": "probs", "dtype": "float32", "shape": ["C", "T"]}],
-        "dynamic": {"n": f"{MIN_DYNAMIC}..max_history", "C": f"{MIN_DYNAMIC}..{MAX_CANDIDATES}"},
-    },
-    "sif": {
-        "inputs": [
-            {"name": "hist_codes", "dtype": "int64", "shape": ["n", "m"], "note": "m = N_s * R"},
-            {"name": "hist_labels", "dtype": "int64", "shape": ["n", "T"], "note": "-1 = unknown"},
-            {"name": "hist_ts", "dtype": "int64", "shape": ["n"]},
-            {"name": "hist_mask", "dtype": "bool", "shape": ["n"]},
-            {"name": "request_ms", "dtype": "int64", "shape": [1]},
-            {"name": "cat", "dtype": "int64", "shape": ["C", "F_cat"]},
-            {"name": "multi", "dtype": "int64", "shape": ["C", "F_multi", "M"]},
-            {"name": "num", "dtype": "float32", "shape": ["C", "F_num"]},
-        ],
-        "outputs": [{"name": "probs", "dtype": "float32", "shape": ["C", "T"]}],
-        "dynamic": {"n": f"{MIN_DYNAMIC}..max_history", "C": f"{MIN_DYNAMIC}..{MAX_CANDIDATES}"},
-    },
-    "source": {
-        "inputs": [
-            {"name": "cat", "dtype": "int64", "shape": ["B", "F_cat"]},
-            {"name": "multi", "dtype": "int64", "shape": ["B", "F_multi", "M"]},
-            {"name": "num", "dtype": "float32", "shape": ["B", "F_num"]},
-            {"name": "seq_items", "dtype": "int64", "shape": ["B", "seq_len"],
-             "note": "item hashes of the instance's strictly-earlier history, newest first, -1 pad"},
-        ],
-        "outputs": [{"name": "insemb", "dtype": "float32", "shape": ["B", "d"]},
-                    {"name": "codes", "dtype": "int64", "shape": ["B", "m"]}],
-        "dynamic": {"B": f"{MIN_DYNAMIC}..{MAX_CANDIDATES}"},
-    },
-}
-
 
 # ---------------------------------------------------------------- SIF id compaction
 
-class VocabCompactor(nn.Module):
-    """Hashed ids -> the SIF models' compact ids (``models.sif.rows._compact``): 1..V by the
-    train split's sorted vocabulary of each field, 0 = unseen in train, -1 stays -1.
-
-    ``keys`` = sorted field_index * n_buckets + hash over every field's vocabulary; ``starts``
-    [F] = where field f's keys begin; one searchsorted does every field."""
-
-    def __init__(self, n_keys: int, n_fields: int, n_buckets: int):
-        super().__init__()
-        self.n_buckets = n_buckets
-        self.register_buffer("keys", torch.zeros(max(1, n_keys), dtype=torch.long))
-        self.register_buffer("starts", torch.zeros(n_fields, dtype=torch.long))
-
-    @staticmethod
-    def build(vocabularies: list, n_buckets: int) -> "VocabCompactor":
-        import numpy as np
-        keys = [f * n_buckets + np.asarray(v, dtype=np.int64) for f, v in enumerate(vocabularies)]
-        starts = np.cumsum([0] + [len(v) for v in vocabularies[:-1]]).astype(np.int64)
-        flat = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
-        out = VocabCompactor(len(flat), len(vocabularies), n_buckets)
-        if len(flat):
-            out.keys.copy_(torch.from_numpy(flat))
-        out.starts.copy_(torch.from_numpy(starts))
-        return out
-
-    def forward(self, ids: torch.Tensor, field: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """ids int64 of any shape; field / start broadcastable to it (field index, its key start)."""
-        key = ids + field * self.n_buckets
-        pos = torch.searchsorted(self.keys, key)
-        found = self.keys[pos.clamp(max=self.keys.shape[0] - 1)] == key
-        out = torch.where(found, pos - start + 1, torch.zeros_like(pos))
-        return torch.where(ids < 0, torch.full_like(ids, -1), out)
-
-
-class SIFInputsEncoder(nn.Module):
-    """cat [.., F_cat] / multi [.., F_multi, M] of hashed ids -> compact ``SampleInputs``."""
-
-    def __init__(self, n_keys: int, n_cat: int, n_multi: int, n_buckets: int):
-        super().__init__()
-        self.n_cat, self.n_multi = n_cat, n_multi
-        self.compactor = VocabCompactor(n_keys, n_cat + n_multi, n_buckets)
-        self.register_buffer("cat_field", torch.arange(n_cat), persistent=False)
-        self.register_buffer("multi_field", torch.arange(n_cat, n_cat + n_multi), persistent=False)
-
-    def forward(self, cat: torch.Tensor, multi: torch.Tensor, num: torch.Tensor) -> SampleInputs:
-        starts = self.compactor.starts
-        cat_c = self.compactor(cat, self.cat_field, starts[: self.n_cat])
-        if self.n_multi:
-            multi_c = self.compactor(multi, self.multi_field[:, None], starts[self.n_cat:, None])
-        else:
-            multi_c = multi
-        return SampleInputs(cat_c, num, multi_c)
-
-
-def sample_schema_to_json(schema: SampleSchema) -> dict:
-    return {"categorical": [[f.name, f.buckets] for f in schema.categorical],
-            "multi": [[f.name, f.buckets] for f in schema.multi],
-            "numeric": list(schema.numeric),
-            "groups": [[g.name, list(g.fields)] for g in schema.groups],
-            "item_id_field": schema.item_id_field}
-
-
-def sample_schema_from_json(raw: dict) -> SampleSchema:
-    return SampleSchema(tuple(CategoricalField(n, int(b)) for n, b in raw["categorical"]),
-                        tuple(CategoricalField(n, int(b)) for n, b in raw["multi"]),
-                        tuple(raw["numeric"]),
-                        tuple(FeatureGroup(n, tuple(f)) for n, f in raw["groups"]),
-                        item_id_field=raw["item_id_field"])
-
 
 # ---------------------------------------------------------------- ranking modules
-
-class IATRanking(nn.Module):
-    """Shared-history IAT downstream model (``ModelConfig.attention == "shared"``)."""
-
-    kind = "iat"
-
-    def __init__(self, config: dict):
-        super().__init__()
-        mc = ModelConfig(**config["model_config"])
-        if mc.attention != "shared":
-            raise ValueError("serving needs attention='shared' (history encoded once per request)")
-        if mc.seq_len > mc.history_len:
-            raise ValueError(f"seq_len {mc.seq_len} must not exceed history_len {mc.history_len}")
-        self.config = config
-        self.model = IATDownstream(mc, FeatureShape(**config["shape"]))
-        self.item_column = int(config["item_column"])
-        self.seq_len = mc.seq_len
-        self.n_tasks = int(config["shape"]["n_tasks"])
-        self.register_buffer("label_bits", torch.arange(self.n_tasks), persistent=False)
-
-    def history_inputs(self, hist_emb, hist_labels, hist_ts, hist_mask, request_ms):
-        """(InsTokens [1, n, w], mask [1, n]) exactly as ``iat_batch`` builds them offline."""
-        emb = hist_emb * hist_mask.unsqueeze(-1).to(hist_emb.dtype)
-        combo = (hist_labels.clamp(min=0, max=1) << self.label_bits).sum(-1)  # unknown -> 0
-        label_ids = torch.where(hist_mask, combo, torch.full_like(combo, -1))
-        ts = torch.where(hist_mask, hist_ts, request_ms.expand_as(hist_ts))
-        gaps = gap_bucket(request_ms, ts.unsqueeze(0))
-        tokens = self.model.history_tokens(emb.unsqueeze(0), label_ids.unsqueeze(0), gaps)
-        return tokens, hist_mask.unsqueeze(0)
-
-    def candidates(self, hist_items, hist_mask, cat, multi, num) -> dict:
-        items = torch.where(hist_mask, hist_items, torch.full_like(hist_items, -1))
-        seq = F.pad(items, (0, self.seq_len), value=-1)[: self.seq_len]
-        return {"cat": cat, "multi": multi, "num": num, "item": cat[:, self.item_column],
-                "seq_items": seq.unsqueeze(0).expand(cat.shape[0], self.seq_len)}
-
-    def forward(self, hist_emb, hist_labels, hist_ts, hist_items, hist_mask, request_ms, cat, multi, num):
-        tokens, mask = self.history_inputs(hist_emb, hist_labels, hist_ts, hist_mask, request_ms)
-        memory = self.model.encode_history(tokens, mask)          # once per request
-        batch = self.candidates(hist_items, hist_mask, cat, multi, num)
-        return torch.sigmoid(self.model.score(memory, batch))
-
-
-class IATNaive(IATRanking):
-    """The same weights, the history re-encoded for every candidate (what shared attention
-    saves); outputs equal ``IATRanking``'s."""
-
-    def forward(self, hist_emb, hist_labels, hist_ts, hist_items, hist_mask, request_ms, cat, multi, num):
-        tokens, mask = self.history_inputs(hist_emb, hist_labels, hist_ts, hist_mask, request_ms)
-        c = cat.shape[0]
-        memory = self.model.encode_history(tokens.expand(c, -1, -1).contiguous(), mask.expand(c, -1))
-        batch = self.candidates(hist_items, hist_mask, cat, multi, num)
-        return torch.sigmoid(self.model.score(memory, batch))
-
-
-class SIFRanking(nn.Module):
-    """The SIF-Mixer over stored Token Samples; the history is encoded once per request."""
-
-    kind = "sif"
-
-    def __init__(self, config: dict):
-        super().__init__()
-        s = config["settings"]
-        schema = sample_schema_from_json(config["sample_schema"])
-        self.config = config
-        self.n_subtokens, self.levels = int(config["n_subtokens"]), int(s["levels"])
-        codebooks = torch.zeros(self.n_subtokens, self.levels, s["codebook_size"], s["d_s"])
-        self.mixer = SIFMixer(schema, codebooks, k=s["k"], d_s=s["d_s"], n_blocks=s["n_blocks"],
-                              n_heads=s["n_heads"], ffn_dim=s["ffn_dim"], field_dim=s["field_dim"],
-                              n_tasks=int(config["n_tasks"]))
-        self.inputs = SIFInputsEncoder(int(config["vocab_keys"]), int(config["n_cat"]),
-                                       int(config["n_multi"]), int(config["n_buckets"]))
-        self.register_buffer("sub", torch.arange(self.n_subtokens).view(-1, 1), persistent=False)
-        self.register_buffer("lvl", torch.arange(self.levels).view(1, -1), persistent=False)
-
-    def forward(self, hist_codes, hist_labels, hist_ts, hist_mask, request_ms, cat, multi, num):
-        n = hist_codes.shape[0]
-        codes = hist_codes.view(n, self.n_subtokens, self.levels)
-        codes = torch.where(hist_mask.view(n, 1, 1), codes, torch.zeros_like(codes))
-        # codebook lookup as one embedding over the flattened [N_s * R * K, d_s] books (the
-        # advanced-indexing form miscompiled under AOTInductor with a dynamic history length)
-        k, d_s = self.mixer.codebooks.shape[2], self.mixer.codebooks.shape[3]
-        flat_index = (self.sub * self.levels + self.lvl) * k + codes
-        rows = F.embedding(flat_index, self.mixer.codebooks.reshape(-1, d_s)).sum(-2)   # [n, N_s, d_s]
-        delta = (request_ms.double() / 1000.0 - hist_ts.double() / 1000.0).clamp(min=0)
-        recency = torch.where(hist_mask, recency_bucket(delta, self.mixer.recency_buckets),
-                              torch.zeros_like(hist_ts))
-        outcomes = torch.where(hist_mask.unsqueeze(-1), hist_labels, torch.zeros_like(hist_labels))
-        memory = self.mixer.encode_history_rows(rows.unsqueeze(0), recency.unsqueeze(0),
-                                                hist_mask.unsqueeze(0), outcomes.unsqueeze(0))
-        logits = self.mixer.score(memory, self.inputs(cat, multi, num))
-        return torch.sigmoid(logits)
-
-
-class SourceEncoder(nn.Module):
-    """User-order source model (InsEmb before the SIT) + the SIF Sample Tokenizer (codes)."""
-
-    kind = "source"
-
-    def __init__(self, config: dict):
-        super().__init__()
-        self.config = config
-        mc = ModelConfig(**config["model_config"])
-        self.source = UserOrderSource(mc, FeatureShape(**config["shape"]))
-        self.item_column = int(config["item_column"])
-        s = config["settings"]
-        schema = sample_schema_from_json(config["sample_schema"])
-        self.encoder64 = SubTokenEncoder(schema, k=s["k"], d_s=s["d_s"], field_dim=s["field_dim"]).double()
-        self.quantizer64 = ResidualVQ(int(config["n_subtokens"]), s["d_s"], levels=s["levels"],
-                                      codebook_size=s["codebook_size"], reseed_dead_codes=False).double()
-        self.inputs = SIFInputsEncoder(int(config["vocab_keys"]), int(config["n_cat"]),
-                                       int(config["n_multi"]), int(config["n_buckets"]))
-
-    def forward(self, cat, multi, num, seq_items):
-        batch = {"cat": cat, "multi": multi, "num": num, "item": cat[:, self.item_column],
-                 "seq_items": seq_items}
-        insemb = self.source.embed(batch)
-        sample = self.inputs(cat, multi, num)
-        z = self.encoder64(SampleInputs(sample.categorical, sample.numeric.double(), sample.multi))
-        codes = self.quantizer64(z).codes
-        return insemb, codes.reshape(codes.shape[0], -1)
-
-
-MODULES = {"iat": IATRanking, "sif": SIFRanking, "source": SourceEncoder}
-
-
-def build_module(config: dict) -> nn.Module:
-    kind = config.get("kind")
-    if kind not in MODULES:
-        raise ValueError(f"config.json: key 'kind' must be one of {sorted(MODULES)}, got {kind!r}")
-    return MODULES[kind](config).eval()
-
-
-def common_config(kind: str, shape: FeatureShape, max_multi: int, item_column: int, tasks: list[str]) -> dict:
-    """Keys every config.json holds (input widths, hashing, tasks)."""
-    return {"kind": kind, "shape": asdict(shape), "n_cat": shape.n_cat, "n_multi": shape.n_multi,
-            "n_num": shape.n_num, "n_tasks": shape.n_tasks, "n_buckets": shape.n_buckets,
-            "max_multi": int(max_multi), "item_column": int(item_column), "tasks": list(tasks)}
 
 
 # ---------------------------------------------------------------- example inputs and export
@@ -405,8 +143,16 @@ def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
     import time
     from datetime import datetime, timezone
 
-    from models.artifacts import (CONFIG_FILE, MODEL_NAMES, RUN_FILE, WEIGHTS_FILE, ArtifactError,
-                                  new_version, read_json, write_manifest)
+    from contract.artifacts import (
+        CONFIG_FILE,
+        MODEL_NAMES,
+        RUN_FILE,
+        WEIGHTS_FILE,
+        ArtifactError,
+        new_version,
+        read_json,
+        write_manifest,
+    )
 
     run_dir, model_dir = Path(run_dir), Path(model_dir)
     run = read_json(run_dir / RUN_FILE, "run.json (is --from a directory written by `iat train`?)")

@@ -150,7 +150,7 @@ def cluster_client(redis_cluster):
 
 
 def _service_starter(log_dir):
-    from services.processes import ServiceProcess
+    from harness.processes import ServiceProcess
 
     procs: list[ServiceProcess] = []
 
@@ -197,7 +197,7 @@ def movielens_models(tmp_path_factory):
     from pathlib import Path
     from types import SimpleNamespace
 
-    from services.processes import ensure_quick_models
+    from harness.processes import ensure_quick_models
 
     data_dir = movielens_dir()
     if not (data_dir / "ml-100k.inter").exists():

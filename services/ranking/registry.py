@@ -15,8 +15,8 @@ import logging
 import threading
 from pathlib import Path
 
-from models.artifacts import MANIFEST, is_version
-from models.serving import ArtifactError, RankingModel, latest_version, load_ranking_model
+from contract.artifacts import MANIFEST, is_version
+from models.runtime.loader import ArtifactError, RankingModel, latest_version, load_ranking_model
 from services import metrics
 from services.ranking.errors import ModelNotFound
 

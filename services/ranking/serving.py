@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import redis.exceptions
 
-from models.featurizer import FeatureError
-from models.serving import HistoryInputs, RankingModel
+from models.runtime.featurizer import FeatureError
+from models.runtime.loader import HistoryInputs, RankingModel
 from services import metrics
 from services.config import Settings
 from services.ranking.errors import DeadlineExceeded, InvalidRequest, StoreUnavailable

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.hashing import ins_id as make_ins_id
-from models.serving import HistoryInputs, SourceModel
+from models.runtime.hashing import ins_id as make_ins_id
+from models.runtime.loader import HistoryInputs, SourceModel
 from services.source.protocol import Instance
 from storage.instance_store import InstanceStore
 from storage.records import InstanceRecord

@@ -16,7 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from models.serving import latest_version, load_source_model
+from models.runtime.loader import latest_version, load_source_model
 from services import metrics
 from services.config import Settings
 from services.health import health_router

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from models.featurizer import FeatureError, Featurizer
+from models.runtime.featurizer import FeatureError, Featurizer
 
 MAX_ID_LENGTH = 512
 # Unix ms before the year 3000 (Redis sorted-set scores are doubles: exact below 2**53).

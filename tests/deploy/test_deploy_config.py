@@ -28,8 +28,8 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic import AliasChoices
 
 from services import metrics
-from services.cli import COMMANDS
-from services.cli.serve import SERVICES
+from cli import COMMANDS
+from cli.serve import SERVICES
 from services.config import Settings
 from services.health import health_router
 
@@ -463,11 +463,11 @@ def test_k8s_every_service_deployed_and_ranking_autoscaled():
 # --- the seed job's data ----------------------------------------------------------------
 
 def test_seed_instances_are_valid_requests_with_the_loaders_ins_ids(tmp_path):
-    from models.data import load_dataset
-    from models.featurizer import FeatureSpec, Featurizer
-    from models.hashing import ins_id
-    from models.schema import DatasetSchema
-    from models.synthetic import write_synthetic
+    from models.data.prepared import load_dataset
+    from models.runtime.featurizer import FeatureSpec, Featurizer
+    from models.runtime.hashing import ins_id
+    from models.data.schema import DatasetSchema
+    from models.data.synthetic import write_synthetic
     from services.source.protocol import IngestRequest
 
     spec = importlib.util.spec_from_file_location("deploy_seed", REPO / "deploy" / "seed.py")

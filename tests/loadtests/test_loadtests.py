@@ -16,7 +16,7 @@ from services.ranking.protocol import ScoreRequestModel, query_from_model, query
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # loadtests/ is not an installed package
     sys.path.insert(0, str(REPO))
-IAT = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())"]
+IAT = [sys.executable, "-c", "from cli import main; raise SystemExit(main())"]
 
 # Locust monkey-patches the whole process with gevent on import: the locustfile is exercised in a
 # child process, which prints the requests its users built.
@@ -68,8 +68,8 @@ def test_locust_targets_derive_from_the_host(locust_probe):
 
 def test_locust_users_build_valid_score_requests(locust_probe, movielens_models):
     from iat.ranking.v1 import ranking_pb2
-    from models.featurizer import FeatureSpec, Featurizer
-    from models.serving import latest_version
+    from models.runtime.featurizer import FeatureSpec, Featurizer
+    from models.runtime.loader import latest_version
 
     manifest = json.loads((latest_version(movielens_models.model_dir, "iat") / "manifest.json").read_text())
     featurizer = Featurizer(FeatureSpec.from_json(manifest["schema"]))

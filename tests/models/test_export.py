@@ -8,20 +8,27 @@ import numpy as np
 import pytest
 import torch
 
-from models.artifacts import (ArtifactError, latest_version, new_version, read_manifest, sha256_file, verify,
-                              write_manifest)
+from contract.artifacts import (
+    ArtifactError,
+    latest_version,
+    new_version,
+    read_manifest,
+    sha256_file,
+    verify,
+    write_manifest,
+)
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from models.synthetic import synthetic_data
+    from models.data.synthetic import synthetic_data
     return synthetic_data(tmp_path_factory.mktemp("syn"), n_users=40, events_per_user=30)
 
 
 def test_vocab_compaction_equals_sif_training_inputs(synthetic):
-    from models.export import SIFInputsEncoder, VocabCompactor
-    from models.sif.rows import prepare_inputs
-    from models.train_serving import sif_vocabularies
+    from models.runtime.modules import SIFInputsEncoder, VocabCompactor
+    from models.training.sif.rows import prepare_inputs
+    from models.training.serving_set import sif_vocabularies
     data = synthetic
     vocab = sif_vocabularies(data)
     enc = SIFInputsEncoder(sum(map(len, vocab)), data.cat.shape[1], data.multi.shape[1], data.n_buckets)
@@ -66,7 +73,7 @@ def test_manifest_sha256_and_versions(tmp_path):
 
 
 def test_bench_model_runs_and_reports(tmp_path):
-    from services.cli import main
+    from cli import main
     out = tmp_path / "model.json"
     rc = main(["bench", "model", "--json", str(out), "--runtimes", "eager,torchscript", "--candidates", "1,20",
                "--history", "0,16", "--budget", "0.02", "--max-reps", "10", "--work-dir", str(tmp_path / "w")])

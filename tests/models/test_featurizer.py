@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data import _read_table, load_dataset
-from models.featurizer import FeatureError, Featurizer, FeatureSpec
-from models.schema import DatasetSchema, load_schema
+from models.data.prepared import _read_table, load_dataset
+from models.runtime.featurizer import FeatureError, Featurizer, FeatureSpec
+from models.data.schema import DatasetSchema, load_schema
 
 DATA_DIR = Path(os.environ.get("IAT_DATA_DIR", Path(__file__).parents[3] / "shared" / "data"))
 ML = DATA_DIR / "movielens-100k"

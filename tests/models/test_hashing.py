@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from models.hashing import hash_bucket, hash_buckets, ins_id, stable_hash64
+from models.runtime.hashing import hash_bucket, hash_buckets, ins_id, stable_hash64
 
 
 def test_stable_hash_is_process_independent():

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.base import FeatureShape, ModelConfig
-from models.downstream import IATDownstream, iat_batch
-from models.source import UserOrderSource, insembs, labelled_batch, sequence_batch, user_sequences
-from models.synthetic import synthetic_data
+from models.nn.base import FeatureShape, ModelConfig
+from models.nn.downstream import IATDownstream
+from models.training.downstream import iat_batch
+from models.nn.source import UserOrderSource
+from models.training.source import insembs, labelled_batch, sequence_batch, user_sequences
+from models.data.synthetic import synthetic_data
 
 CFG = ModelConfig(emb_dim=8, seq_len=10, history_len=16, insemb_dim=16, sit_ffn=32,
                   adapt_dim=24, iat_width=16)

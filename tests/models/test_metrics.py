@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.metrics import auc, gauc, logloss
+from models.training.metrics import auc, gauc, logloss
 
 
 def _pairwise_auc(y, p):

@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data import build_history_index, load_dataset, split_by_time
-from models.schema import DatasetSchema, SchemaError, load_schema
+from models.data.prepared import build_history_index, load_dataset, split_by_time
+from models.data.schema import DatasetSchema, SchemaError, load_schema
 
 ML_DIR = Path(os.environ.get("IAT_DATA_DIR", Path(__file__).resolve().parents[2] / "../shared/data")) / "movielens-100k"
 

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from models.data import load_dataset
-from models.schema import DatasetSchema
-from services.cli import main as iat_main
+from models.data.prepared import load_dataset
+from models.data.schema import DatasetSchema
+from cli import main as iat_main
 
 SCHEMA = """\
 name = "shop-clicks"

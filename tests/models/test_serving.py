@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.base import ModelConfig
-from models.data import load_dataset
-from models.experiment import ExperimentConfig
-from models.schema import load_schema
-from models.serving import HistoryInputs, SourceModel
-from models.training import TrainConfig
+from models.nn.base import ModelConfig
+from models.data.prepared import load_dataset
+from models.training.registry import ExperimentConfig
+from models.data.schema import load_schema
+from models.runtime.loader import HistoryInputs, SourceModel
+from models.training.loop import TrainConfig
 
 HISTORY_LEN = 32   # L of the test IAT model (the SIF model's L is max(8, L // 16) = 8)
 
@@ -30,7 +30,7 @@ def load_real_data(tmp_root: Path):
         if (folder / schema.log.path).is_file():
             data = load_dataset(schema, folder)
             return data.subset_users(np.arange(150)), "movielens-100k"
-    from models.synthetic import synthetic_data
+    from models.data.synthetic import synthetic_data
     return synthetic_data(tmp_root / "synthetic", n_users=120, events_per_user=50), "synthetic"
 
 
@@ -38,7 +38,7 @@ def load_real_data(tmp_root: Path):
 def serving_run(tmp_path_factory):
     """(data, run_dir, model_dir, versions {name: path}) - trained and exported once."""
     from models.export import export_run
-    from models.train_serving import train_serving_set
+    from models.training.serving_set import train_serving_set
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("serving")
@@ -95,7 +95,7 @@ RUNTIMES_FAST = ("eager", "torchscript")
 
 @pytest.fixture(scope="session")
 def loaded(serving_run):
-    from models.serving import load_ranking_model, load_source_model
+    from models.runtime.loader import load_ranking_model, load_source_model
     data, run_dir, model_dir, versions = serving_run
     return {rt: {"iat": load_ranking_model(versions["iat"], rt, "cpu"),
                  "sif": load_ranking_model(versions["sif"], rt, "cpu"),
@@ -161,7 +161,7 @@ def test_source_runtimes_equal_eager(serving_run, loaded):
 def test_service_path_reproduces_offline_scores(serving_run, loaded, name):
     """No skew: InsEmbs/codes from the source model, histories as the store keeps them,
     truncated by the model -> the offline (training code path) predictions within 1e-5."""
-    from models.serving import offline_scores
+    from models.training.offline import offline_scores
     data, run_dir, model_dir = serving_run[:3]
     rows = data.split_indices(2)[:40]
     rows = np.unique(np.concatenate([rows, list(pick_requests(data, 32).values())]))
@@ -196,8 +196,10 @@ def test_history_changes_the_score_and_only_the_past_counts(serving_run, loaded)
 
 
 def test_shared_history_equals_naive_reencoding(serving_run):
-    from models.export import IATNaive, IATRanking, example_inputs
-    from models.serving import _eager_module
+    from harness.naive import IATNaive
+    from models.runtime.modules import IATRanking
+    from models.export import example_inputs
+    from models.training.offline import _eager_module
     shared = _eager_module(serving_run[1], "iat")
     naive = IATNaive(shared.config).eval()
     naive.load_state_dict(shared.state_dict())
@@ -224,7 +226,7 @@ def test_bad_inputs_name_the_field(serving_run, loaded):
 
 
 def test_manifest_contract(serving_run):
-    from models.artifacts import REQUIRED_KEYS, read_manifest, sha256_file
+    from contract.artifacts import REQUIRED_KEYS, read_manifest, sha256_file
     data, run_dir, model_dir, versions = serving_run
     manifests = {n: read_manifest(p) for n, p in versions.items()}
     for name, m in manifests.items():
@@ -242,7 +244,7 @@ def test_manifest_contract(serving_run):
 
 def test_sha256_checked_before_loading(serving_run, tmp_path):
     import shutil
-    from models.serving import ArtifactError, load_ranking_model
+    from models.runtime.loader import ArtifactError, load_ranking_model
     src = serving_run[3]["iat"]
     copy = tmp_path / "iat" / src.name
     shutil.copytree(src, copy)
@@ -262,8 +264,8 @@ def test_sha256_checked_before_loading(serving_run, tmp_path):
 
 
 def test_export_cli_and_latest_version(serving_run, tmp_path):
-    from models.serving import latest_version
-    from services.cli import main
+    from models.runtime.loader import latest_version
+    from cli import main
     run_dir = serving_run[1]
     assert main(["export", "--from", str(run_dir), "--out", str(tmp_path), "--no-aoti"]) == 0
     first = latest_version(tmp_path, "iat")
@@ -292,7 +294,7 @@ def test_torchscript_deprecation_warnings_are_filtered(serving_run):
 def test_aoti_equals_eager_on_real_batches(serving_run, loaded, tmp_path_factory):
     """Compiles the three AOTInductor packages once (about 20-30 s each here)."""
     from models.export import export_run
-    from models.serving import load_ranking_model, load_source_model
+    from models.runtime.loader import load_ranking_model, load_source_model
     data, run_dir = serving_run[:2]
     versions = export_run(run_dir, tmp_path_factory.mktemp("aoti"), aoti=True, progress=lambda m: None)
     aoti = {"iat": load_ranking_model(versions["iat"], "aoti", "cpu"),

@@ -3,17 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.sif import (
-    CategoricalField,
-    FeatureGroup,
-    SampleInputs,
-    SampleSchema,
-    SampleTokenizer,
-    SIFMixer,
-    alignment_loss,
-    codes_from_token_samples,
-)
-from models.sif.history import gather_history
+from models.nn.sif.spec import CategoricalField, FeatureGroup, SampleInputs, SampleSchema
+from models.nn.sif.tokenizer import SampleTokenizer, codes_from_token_samples
+from models.nn.sif.mixer import SIFMixer
+from models.training.sif.losses import alignment_loss
+from models.training.sif.history import gather_history
 
 torch.set_num_threads(1)
 

@@ -3,22 +3,18 @@ import numpy as np
 import pytest
 import torch
 
-from models.sif import (
+from models.nn.sif.spec import (
     CategoricalField,
     FeatureGroup,
-    ResidualVQ,
     SampleInputs,
     SampleSchema,
-    SampleTokenizer,
-    auxiliary_pctr_loss,
-    code_perplexity,
-    codebook_health,
-    codes_from_token_samples,
-    compression_ratio,
-    raw_sample_bytes,
     split_into_subtokens,
-    token_sample_bytes,
 )
+from models.nn.sif.rvq import ResidualVQ
+from models.nn.sif.tokenizer import SampleTokenizer, codes_from_token_samples
+from models.training.sif.losses import auxiliary_pctr_loss
+from models.training.sif.health import code_perplexity, codebook_health
+from models.training.sif.compression import compression_ratio, raw_sample_bytes, token_sample_bytes
 
 torch.set_num_threads(1)
 

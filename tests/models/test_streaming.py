@@ -6,11 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from models.base import FeatureShape, ModelConfig
-from models.source import UserOrderSource, insembs
-from models.streaming import HistoryProvider, InMemoryHistoryProvider, streaming_forward, train_streaming
-from models.synthetic import synthetic_data
-from models.training import TrainConfig
+from models.nn.base import FeatureShape, ModelConfig
+from models.nn.source import UserOrderSource
+from models.training.source import insembs
+from models.training.streaming import (
+    HistoryProvider,
+    InMemoryHistoryProvider,
+    streaming_forward,
+    train_streaming,
+)
+from models.data.synthetic import synthetic_data
+from models.training.loop import TrainConfig
 
 CFG = ModelConfig(emb_dim=8, seq_len=10, insemb_dim=16, sit_ffn=32)
 
@@ -50,7 +56,7 @@ def test_streaming_writes_only_current_and_stops_gradient(data):
     hist, mask = provider.fetch(users, data.ts_ms[chunk], 15)
     assert mask.any()
     hist_t = torch.from_numpy(hist).requires_grad_(True)
-    from models.source import labelled_batch
+    from models.training.source import labelled_batch
     logits, _ = streaming_forward(model, labelled_batch(data, chunk, CFG), hist_t, torch.from_numpy(mask))
     logits.sum().backward()
     assert hist_t.grad is None  # sg(E_hist)
@@ -75,7 +81,7 @@ def test_streaming_training_reduces_the_loss(data):
 
 
 def test_redis_provider_matches_in_memory(data, redis_client):
-    from services.cli.experiment import RedisHistoryProvider
+    from cli.experiment import RedisHistoryProvider
     from storage.instance_store import InstanceStore
 
     rows = np.flatnonzero(data.split == 0)[:600]

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from models.serving import latest_version
+from models.runtime.loader import latest_version
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def test_source_refuses_to_start_on_a_corrupted_source_model(model_dir, redis_se
     _corrupt_copy(good, "29990101T000000-" + good.name.split("-")[1])
     shutil.rmtree(good)  # the source service serves the newest only: no silent fallback for writes
     env = {**os.environ, "REDIS_URL": redis_server, "IAT_MODEL_DIR": str(model_dir)}
-    iat = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())"]
+    iat = [sys.executable, "-c", "from cli import main; raise SystemExit(main())"]
     done = subprocess.run(iat + ["serve", "source", "--port", str(free_port())], env=env, capture_output=True,
                           text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert done.returncode != 0

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from models.raw import raw_instances
-from models.schema import load_schema
+from models.data.raw import raw_instances
+from models.data.schema import load_schema
 from storage.connection import EmbeddedRedis, connect
 from tests.conftest import free_port
 from tests.services.test_source_e2e import _assert_store_holds_exactly, _env, _wait_sequenced

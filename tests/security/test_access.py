@@ -180,7 +180,7 @@ def test_services_bind_loopback_unless_told_otherwise(stack, monkeypatch):
 def test_a_wrong_redis_password_fails_clearly_at_start_up(movielens_models, redis_auth_server, tmp_path, service):
     url = redis_auth_server.url(redis_auth_server.username, "not-the-password")
     env = {**os.environ, "REDIS_URL": url, "IAT_MODEL_DIR": str(movielens_models.model_dir)}
-    iat = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())"]
+    iat = [sys.executable, "-c", "from cli import main; raise SystemExit(main())"]
     done = subprocess.run(iat + ["serve", service, "--port", str(free_port()), "--grpc-port", str(free_port())]
                           if service == "ranking" else iat + ["serve", service, "--port", str(free_port())],
                           env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 pytestmark = pytest.mark.slow
-DEMO = [sys.executable, "-m", "services.cli", "demo", "--synthetic", "--max-users", "60"]
+DEMO = [sys.executable, "-m", "cli", "demo", "--synthetic", "--max-users", "60"]
 
 
 def _children_of(pid: int) -> list[int]:

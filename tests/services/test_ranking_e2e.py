@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from models.data import load_dataset
-from models.raw import raw_instances
-from models.schema import load_schema
-from models.serving import latest_version, offline_scores
+from models.data.prepared import load_dataset
+from models.data.raw import raw_instances
+from models.data.schema import load_schema
+from models.runtime.loader import latest_version
+from models.training.offline import offline_scores
 from storage.connection import EmbeddedRedis, connect
 from storage.stream import InstanceStream
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from services.cli import main
+from cli import main
 from storage import bench
 
 
@@ -39,7 +39,7 @@ def test_readable_output(capsys):
      (["--days", "1", "--dim", "8"], "--instances-per-day")],
 )
 def test_bad_arguments_clear_error(args, message):
-    proc = subprocess.run([sys.executable, "-c", "import sys; from services.cli import main; sys.exit(main())", "storage-cost", *args],
+    proc = subprocess.run([sys.executable, "-c", "import sys; from cli import main; sys.exit(main())", "storage-cost", *args],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert proc.returncode == 2
     assert message in proc.stderr

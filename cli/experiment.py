@@ -1,0 +1,138 @@
+"""`iat experiment`: train and evaluate the offline model rows, write results.json + results.png.
+
+    iat experiment --dataset movielens-100k --out runs/ml100k            # shipped schema
+    iat experiment --schema my.toml --data-dir DIR --out runs/x --quick
+    iat experiment --dataset synthetic --out runs/syn                    # generated data
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--schema", type=Path, help="dataset schema TOML (paths relative to --data-dir)")
+    src.add_argument("--dataset", help="a schema shipped with the project (movielens-100k), or "
+                                       "'synthetic' for generated data with a planted sequential signal")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="data directory (default: $IAT_DATA_DIR or ../shared/data; a "
+                             "sub-folder named after the dataset is tried too)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--quick", action="store_true",
+                        help="short histories, 2 epochs, 1 seed unless --seeds is given (< 5 min)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds to average (default 3; quick: 1)")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated rows to run (default: all registered default rows)")
+    parser.add_argument("--list-rows", action="store_true", help="list registered rows and exit")
+    parser.add_argument("--history-len", type=int, default=None, help="downstream L (default 256; quick 64)")
+    parser.add_argument("--epochs", type=int, default=None, help="max epochs (early stopping on validation)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="seeds trained in parallel processes (default 2: one per core)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _resolve_data_dir(schema, data_dir: Path | None) -> Path:
+    base = data_dir or Path(os.environ.get("IAT_DATA_DIR", "../shared/data"))
+    for candidate in (base, base / schema.name):
+        if (candidate / schema.log.path).is_file():
+            return candidate
+    raise FileNotFoundError(f"--data-dir: '{schema.log.path}' (log.path of schema {schema.name!r}) "
+                            f"not found in {base} or {base / schema.name}")
+
+
+def load_named_dataset(schema_path: Path | None, dataset: str | None, data_dir: Path | None,
+                       synthetic_dir: Path):
+    """The dataset a command names (``--schema FILE``, ``--dataset NAME`` or ``synthetic``, and
+    ``--data-dir``) -> (schema, PreparedData). Raises SchemaError / FileNotFoundError."""
+    from models.data.prepared import load_dataset
+    from models.data.schema import DatasetSchema, load_schema
+    from models.data.synthetic import write_synthetic
+
+    if dataset == "synthetic":
+        data_dir = data_dir or synthetic_dir
+        schema = DatasetSchema.from_toml(write_synthetic(data_dir))
+    else:
+        schema = DatasetSchema.from_toml(schema_path) if schema_path else load_schema(dataset or "movielens-100k")
+        data_dir = _resolve_data_dir(schema, data_dir)
+    return schema, load_dataset(schema, data_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.data.schema import SchemaError
+    from models.training.experiment import results_table, run_experiment, write_results
+    from models.training.registry import ROWS, ExperimentConfig
+
+    if args.list_rows:
+        for name, spec in ROWS.items():
+            print(f"{name:<30} {'(default) ' if spec.default else '          '}{spec.description}")
+        return 0
+    if args.seeds is not None and args.seeds < 1:
+        print("iat experiment: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+    unknown = [r for r in rows or [] if r not in ROWS]
+    if unknown:
+        print(f"iat experiment: --rows: unknown {unknown}; registered: {sorted(ROWS)}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        schema, data = load_named_dataset(args.schema, args.dataset, args.data_dir, args.out / "synthetic-data")
+    except (SchemaError, FileNotFoundError) as exc:
+        print(f"iat experiment: {exc}", file=sys.stderr)
+        return 2
+    cfg = ExperimentConfig.quick() if args.quick else ExperimentConfig()
+    if args.history_len:
+        cfg.model.history_len = args.history_len
+    if args.epochs:
+        cfg.train.epochs = args.epochs
+    cfg.threads = args.threads
+    cfg.workers = args.workers
+    cfg.train.progress = not args.no_progress
+    seeds = args.seeds or (1 if args.quick else 3)
+    print(f"{data.name}: {data.n} instances, {data.n_users} users, tasks {data.tasks}, "
+          f"split {[len(data.split_indices(s)) for s in (0, 1, 2)]}; seeds {seeds}", flush=True)
+    results = run_experiment(data, cfg, rows, seeds)
+    results["command"] = "iat experiment " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["experiment"] else None
+    results["total_seconds"] = time.perf_counter() - t0
+    json_path, png_path = write_results(results, args.out)
+    print(results_table(results))
+    print(f"wrote {json_path} and {png_path} in {results['total_seconds']:.0f}s")
+    return 0
+
+
+class RedisHistoryProvider:
+    """``models.streaming.HistoryProvider`` on the instance store (storage/): streaming
+    user-order training reads past InsEmbs from Redis and writes each fresh one back."""
+
+    def __init__(self, store, source_version: str = "", labels: dict | None = None):
+        self.store = store
+        self.source_version = source_version
+        self.dim = store.layout.dim
+
+    def write(self, ins_ids, user_ids, ts_ms, embeddings) -> None:
+        import numpy as np
+
+        from storage.records import InstanceRecord
+
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        records = [InstanceRecord(ins_id=int(i), user_id=str(u), timestamp_ms=int(t), embedding=e,
+                                  source_version=self.source_version)
+                   for i, u, t, e in zip(ins_ids, user_ids, ts_ms, embeddings)]
+        self.store.write_and_append(records)
+
+    def fetch(self, user_ids, before_ms, limit):
+        import numpy as np
+
+        histories = self.store.read_histories([str(u) for u in user_ids], [int(t) for t in before_ms], limit)
+        out = np.zeros((len(user_ids), limit, self.dim), dtype=np.float32)
+        mask = np.zeros((len(user_ids), limit), dtype=bool)
+        for b, history in enumerate(histories):
+            n = min(len(history), limit)
+            out[b, :n] = history.embeddings[:n]
+            mask[b, :n] = True
+        return out, mask

@@ -1,0 +1,581 @@
+"""`iat bench score`: Score latency in process, over gRPC and over REST, next to its floor.
+
+    iat bench score --json score.json          # same as: python -m services.ranking.bench ...
+
+For each (candidates C, history n) cell the following are timed round-robin in one run, so that a
+noisy neighbour hits all of them alike:
+  fetch    the fused history read alone (``AsyncInstanceStore.read_history``, one round trip)
+  assemble the candidates' featurization alone (``Featurizer.encode``)
+  model    the model forward alone (``RankingModel.score`` on ready arrays)
+  inproc   ``RankingServing.score`` in this process (fetch -> assemble -> model, what both routers call)
+  grpc     Score over gRPC to a real ``iat serve ranking`` process on loopback
+  rest     POST /v1/score to the same process
+  peer:*   any ``--peer NAME=URL`` speaking the REST JSON (e.g. the naive FastAPI peer of
+           ``harness/peers/naive_server.py``); timed on fewer rounds when it is slow
+The floor is p50(fetch) + p50(model): what a Score cannot beat without a faster store read or
+model. After the latency rounds, each protocol is driven at saturation (``--concurrency``
+requests in flight for ``--saturation-s`` seconds) for its throughput.
+
+Models: ``--model-dir`` serves an export as it is. Without it, a ranking model at the default
+``ModelConfig`` (L = 256, random weights: latency does not depend on them) is built for the
+MovieLens schema next to the source model of a quick export (``--quick-models``), because the
+quick models have L = 64. Requests carry real MovieLens items and user features; histories are
+written straight into the store (n records of the served source version) for users
+``bench-h<n>``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import Executor, Future
+from pathlib import Path
+
+import numpy as np
+
+from harness.processes import ServiceProcess, free_port
+
+CANDIDATES = (100, 500, 1000)
+HISTORIES = (0, 64, 256)
+REQUEST_TIME_MS = 1_700_000_000_000
+
+
+# ---------------------------------------------------------------- models at serving size
+
+def build_bench_models(quick_dir: Path, out_dir: Path, history_len: int | None = None) -> Path:
+    """``out_dir`` with the quick export's source model and an ``iat`` ranking model at the
+    default ``ModelConfig`` (random weights), reading that source model's embeddings.
+
+    Reused when it was already built from the same quick export."""
+    from dataclasses import asdict, replace
+
+    import torch
+
+    from contract.artifacts import CONFIG_FILE, WEIGHTS_FILE, write_manifest
+    from models.export import TORCHSCRIPT_NAME, _manifest, export_torchscript
+    from models.nn.base import ModelConfig
+    from models.runtime.loader import latest_version
+    from models.runtime.modules import IATRanking
+
+    quick_dir, out_dir = Path(quick_dir), Path(out_dir)
+    quick_iat = latest_version(quick_dir, "iat")
+    source = latest_version(quick_dir, "source")
+    if quick_iat is None or source is None:
+        raise SystemExit(f"--quick-models {quick_dir}: needs iat/ and source/ versions (run `iat export`)")
+    stamp = out_dir / "built-from.json"
+    mc = ModelConfig()
+    if history_len:
+        mc = replace(mc, history_len=history_len)
+    key = {"iat": str(quick_iat.resolve()), "source": str(source.resolve()), "model_config": asdict(mc)}
+    if stamp.is_file() and json.loads(stamp.read_text()) == key and latest_version(out_dir, "iat") is not None:
+        return out_dir
+    shutil.rmtree(out_dir, ignore_errors=True)
+    shutil.copytree(source, out_dir / "source" / source.name)
+    manifest = json.loads((quick_iat / "manifest.json").read_text())
+    config = json.loads((quick_iat / CONFIG_FILE).read_text())
+    config.update(model_config=asdict(mc), history_length=mc.history_len)
+    torch.manual_seed(0)
+    module = IATRanking(config).eval()
+    version = out_dir / "iat" / "20000101T000000-00000000"
+    version.mkdir(parents=True)
+    torch.save(module.state_dict(), version / WEIGHTS_FILE)
+    (version / CONFIG_FILE).write_text(json.dumps(config))
+    export_torchscript(module, version / TORCHSCRIPT_NAME)
+    run = {"feature_spec": manifest["schema"], "dataset": "movielens-100k (random weights, default ModelConfig)"}
+    write_manifest(version, _manifest("iat", version.name, "2000-01-01T00:00:00", config, run,
+                                      manifest["source_version"], None))
+    stamp.write_text(json.dumps(key))
+    return out_dir
+
+
+# ---------------------------------------------------------------- MovieLens requests
+
+class MovieLensWorkload:
+    """Score requests from real MovieLens users and items (the schema's user and item tables)."""
+
+    def __init__(self, data_dir: Path, schema_name: str = "movielens-100k") -> None:
+        from models.data.raw import raw_instances
+        from models.data.schema import load_schema
+
+        schema = load_schema(schema_name)
+        self.instances = raw_instances(schema, Path(data_dir))
+        user_tables = [t for t in schema.tables if t.group == "user"]
+        self.user_fields = {f for t in user_tables for f in (*t.categorical, *t.multi)}
+        self.items: dict[str, dict] = {}
+        self.user_context: dict[str, dict] = {}
+        self.user_times: dict[str, list[int]] = {}
+        for inst in self.instances:
+            cat = inst["features"]["categorical"]
+            self.items.setdefault(inst["item_id"], {k: v for k, v in cat.items() if k not in self.user_fields})
+            self.user_context.setdefault(inst["user_id"], {k: v for k, v in cat.items() if k in self.user_fields})
+            self.user_times.setdefault(inst["user_id"], []).append(inst["timestamp_ms"])
+        self.item_ids = sorted(self.items)
+        self.user_ids = sorted(self.user_times)
+
+    def candidates(self, n: int, rng: np.random.Generator) -> list[dict]:
+        picks = rng.choice(len(self.item_ids), size=n, replace=n > len(self.item_ids))
+        return [{"item_id": self.item_ids[i], "features": {"categorical": dict(self.items[self.item_ids[i]]), "numeric": {}}}
+                for i in picks]
+
+    def request(self, user_id: str, request_time_ms: int, n_candidates: int, rng: np.random.Generator,
+                context_user: str | None = None, request_id: str = "") -> dict:
+        """The JSON of a ScoreRequest (REST body; ``to_proto`` makes the gRPC message)."""
+        context = dict(self.user_context[context_user or user_id])
+        return {"request_id": request_id, "user_id": user_id, "request_time_ms": int(request_time_ms),
+                "context": {"categorical": context, "numeric": {}},
+                "candidates": self.candidates(n_candidates, rng), "model": ""}
+
+    def live_request(self, rng: np.random.Generator, n_candidates: int, request_id: str = "") -> dict:
+        """A real user at the time of one of their own instances: histories spread as the data's."""
+        user = self.user_ids[int(rng.integers(len(self.user_ids)))]
+        times = self.user_times[user]
+        return self.request(user, times[int(rng.integers(len(times)))], n_candidates, rng, request_id=request_id)
+
+
+def to_proto(body: dict):
+    from iat.ranking.v1 import ranking_pb2
+
+    def feats(f: dict):
+        return ranking_pb2.Features(categorical=f.get("categorical", {}), numeric=f.get("numeric", {}))
+
+    return ranking_pb2.ScoreRequest(
+        request_id=body["request_id"], user_id=body["user_id"], request_time_ms=body["request_time_ms"],
+        context=feats(body["context"]), model=body.get("model", ""),
+        candidates=[ranking_pb2.Candidate(item_id=c["item_id"], features=feats(c["features"])) for c in body["candidates"]])
+
+
+# ---------------------------------------------------------------- the served process
+
+class RankingProcess(ServiceProcess):
+    """A real ``iat serve ranking`` on loopback for the benchmark (no token, no hot reload)."""
+
+    def __init__(self, model_dir: Path, redis_url: str, threads: int, runtime: str, log_path: Path,
+                 extra_env: dict | None = None) -> None:
+        self.grpc_port = free_port()
+        env = {"REDIS_URL": redis_url, "IAT_MODEL_DIR": str(model_dir), "IAT_RELOAD_INTERVAL_S": "0",
+               "IAT_RUNTIME": runtime, "OMP_NUM_THREADS": str(threads), "IAT_API_TOKEN": "", **(extra_env or {})}
+        super().__init__(["serve", "ranking", "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port)],
+                         log_path=log_path, env=env)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> "RankingProcess":
+        self.wait("/readyz", timeout_s)
+        return self
+
+
+class InlineExecutor(Executor):
+    """Runs the model in the calling thread, so that a profiler of that thread sees all of a Score."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+            future.set_exception(exc)
+        return future
+
+
+# ---------------------------------------------------------------- measuring
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", dest="json_path", type=Path, default=None, metavar="FILE", help="write the figures here")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="serve this export as it is (default: build serving-size models, see --quick-models)")
+    parser.add_argument("--quick-models", type=Path, default=None,
+                        help="a MovieLens export whose source model (and schema) the bench model reads "
+                             "(default: $IAT_TEST_MODEL_DIR, else loadtests/out/models-quick)")
+    parser.add_argument("--history-len", type=int, default=None, help="L of the built model (default: ModelConfig's 256)")
+    parser.add_argument("--work-dir", type=Path, default=Path("loadtests/out/bench-score"))
+    parser.add_argument("--data-dir", type=Path, default=None, help="MovieLens-100K dir (default $IAT_DATA_DIR/movielens-100k)")
+    parser.add_argument("--redis-url", default=None, help="default: a fresh embedded redis-server (unix socket)")
+    parser.add_argument("--candidates", default=",".join(map(str, CANDIDATES)))
+    parser.add_argument("--history", default=",".join(map(str, HISTORIES)))
+    parser.add_argument("--methods", default="fetch,assemble,model,inproc,grpc,rest")
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed rounds per cell")
+    parser.add_argument("--min-reps", type=int, default=10)
+    parser.add_argument("--max-reps", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in the served process")
+    parser.add_argument("--runtime", default="torchscript", choices=("torchscript", "eager", "aoti"))
+    parser.add_argument("--saturation-s", type=float, default=3.0, help="seconds per protocol and cell at saturation; 0 skips")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at saturation")
+    parser.add_argument("--peer", action="append", default=[], metavar="NAME=URL",
+                        help="another Score endpoint speaking the REST JSON, timed alongside (repeatable)")
+    parser.add_argument("--peer-candidates", default="100,500", help="cells (candidates) where peers are timed")
+    parser.add_argument("--peer-max-reps", type=int, default=12)
+    parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                        help="also cProfile in-process Scores (C=100, largest n) and write the top functions here")
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--{name}: expected comma-separated ints, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise SystemExit(f"--{name}: values must be >= 0, got {text!r}")
+    return values
+
+
+def percentiles(seconds) -> dict:
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "n": int(ms.size)}
+
+
+def saturate(call, concurrency: int, seconds: float) -> dict:
+    """``concurrency`` threads calling ``call`` back to back for ``seconds``: completed per second."""
+    stop = time.perf_counter() + seconds
+    done = [0] * concurrency
+    errors = [0] * concurrency
+    lat: list[list[float]] = [[] for _ in range(concurrency)]
+
+    def worker(k: int) -> None:
+        while time.perf_counter() < stop:
+            s = time.perf_counter()
+            try:
+                call()
+            except Exception:  # noqa: BLE001 - counted, reported
+                errors[k] += 1
+                continue
+            lat[k].append(time.perf_counter() - s)
+            done[k] += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    all_lat = [x for part in lat for x in part]
+    out = {"rps": sum(done) / elapsed, "completed": sum(done), "errors": sum(errors), "seconds": elapsed,
+           "concurrency": concurrency}
+    if all_lat:
+        out.update({f"loaded_{k}": v for k, v in percentiles(all_lat).items() if k != "n"})
+    return out
+
+
+def seed_histories(model_dir: Path, redis_url: str, histories: list[int], settings) -> dict[int, str]:
+    """User ``bench-h<n>`` with n records of the served source version; returns n -> user."""
+    from models.runtime.loader import latest_version, load_ranking_model
+    from services.ranking.registry import ModelRegistry
+    from storage.connection import connect
+    from storage.instance_store import InstanceStore
+    from storage.records import InstanceRecord
+
+    registry = ModelRegistry(model_dir, runtime="eager")
+    names = registry.ranking_names()
+    model = load_ranking_model(latest_version(model_dir, settings.default_model or names[0]), runtime="eager")
+    dim, codec, code_length, code_dtype, tasks = registry.record_layout(model)
+    client = connect(redis_url)
+    store = InstanceStore(client, prefix=settings.key_prefix, dim=dim, codec=codec, tasks=tasks,
+                          retention_days=settings.retention_days, max_sequence_length=settings.max_sequence_length,
+                          code_length=code_length, code_dtype=np.dtype(code_dtype))
+    rng = np.random.default_rng(0)
+    users = {}
+    for n in histories:
+        user = f"bench-h{n}"
+        client.delete(store.sequence_key(user))
+        records = [InstanceRecord(
+            ins_id=int(1_000_000 * (n + 1) + i), user_id=user, timestamp_ms=REQUEST_TIME_MS - 60_000 * (i + 1),
+            embedding=rng.standard_normal(dim).astype(np.float32),
+            codes=rng.integers(0, 2, code_length).astype(code_dtype) if code_length else None,
+            labels={t: int(rng.integers(2)) for t in tasks}, item_hash=int(rng.integers(model.feature_spec.n_buckets)),
+            source_version=model.source_version) for i in range(n)]
+        for start in range(0, len(records), 500):
+            store.write_and_append(records[start:start + 500])
+        users[n] = user
+    client.close()
+    return users
+
+
+async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWorkload, server) -> dict:
+    import grpc
+    import httpx
+    from iat.ranking.v1 import ranking_pb2_grpc
+
+    from services.config import Settings
+    from services.ranking.main import build_serving
+    from services.ranking.protocol import ScoreRequestModel, query_from_model
+    from services.ranking.serving import history_inputs
+
+    settings = Settings(redis_url=redis_url, model_dir=model_dir, runtime=args.runtime, reload_interval_s=0)
+    cands, hists = _ints(args.candidates, "candidates"), _ints(args.history, "history")
+    methods = [m for m in args.methods.split(",") if m]
+    users = seed_histories(model_dir, redis_url, hists, settings)
+    serving = await build_serving(settings)
+    model = serving.registry.get("")
+    store = serving.store_for(model)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") if server else None
+    stub = ranking_pb2_grpc.RankingServiceStub(channel) if channel else None
+    http = httpx.Client(timeout=120)
+    peers = dict(p.split("=", 1) for p in args.peer)
+    peer_cands = set(_ints(args.peer_candidates, "peer-candidates"))
+    rng = np.random.default_rng(1)
+    context_user = workload.user_ids[0]
+    rows, throughput = [], []
+
+    for n in hists:
+        for c in cands:
+            body = workload.request(users[n], REQUEST_TIME_MS, c, rng, context_user=context_user, request_id=f"b-{c}-{n}")
+            message = to_proto(body)
+            query = query_from_model(ScoreRequestModel(**body))
+            limit = model.max_history
+            fetched = await store.read_history(users[n], REQUEST_TIME_MS, limit, expected_source_version=model.source_version)
+            assert len(fetched) == min(n, limit), f"seeded history of {users[n]}: {len(fetched)} != {min(n, limit)}"
+            inputs = history_inputs(fetched)
+            encode_args = (query.user_id, query.request_time_ms, query.item_ids, query.context.categorical,
+                           query.context.numeric, [f.categorical for f in query.candidate_features],
+                           [f.numeric for f in query.candidate_features])
+            cat, multi, num = model.featurizer.encode(*encode_args)
+
+            async def fetch():
+                await store.read_history(users[n], REQUEST_TIME_MS, limit, expected_source_version=model.source_version)
+
+            async def assemble():
+                model.featurizer.encode(*encode_args)
+
+            async def forward():
+                model.score(inputs, REQUEST_TIME_MS, cat, multi, num)
+
+            async def inproc():
+                result = await serving.score(query, None)
+                assert result.history_length == min(n, limit)
+
+            def grpc_call():
+                response = stub.Score(message, timeout=120)
+                assert response.history_length == min(n, limit)
+
+            def rest_call(url=None):
+                response = http.post(url or server.base_url + "/v1/score", json=body)
+                if response.status_code != 200:
+                    raise RuntimeError(f"{url or 'rest'}: HTTP {response.status_code}: {response.text[:300]}")
+
+            async def sync(fn):
+                fn()
+
+            calls = {"fetch": fetch, "assemble": assemble, "model": forward, "inproc": inproc,
+                     "grpc": lambda: sync(grpc_call), "rest": lambda: sync(rest_call)}
+            calls = {m: calls[m] for m in methods if m in calls and (server or m not in ("grpc", "rest"))}
+            peer_calls = {f"peer:{name}": (lambda url=url: sync(lambda: rest_call(url)))
+                          for name, url in peers.items() if c in peer_cands}
+            timed = {**calls, **peer_calls}
+            for _ in range(args.warmup):
+                for call in timed.values():
+                    await call()
+            t0 = time.perf_counter()
+            for call in calls.values():
+                await call()
+            per_round = time.perf_counter() - t0
+            reps = int(min(args.max_reps, max(args.min_reps, args.budget / max(per_round, 1e-6))))
+            peer_reps = min(reps, args.peer_max_reps)
+            timings = {m: [] for m in timed}
+            gc.collect()
+            gc.freeze()  # as the warm service does
+            clock = time.perf_counter
+            for i in range(reps):
+                for name, call in timed.items():
+                    if name.startswith("peer:") and i >= peer_reps:
+                        continue
+                    s = clock()
+                    await call()
+                    timings[name].append(clock() - s)
+            gc.unfreeze()
+            for name, ts in timings.items():
+                rows.append({"candidates": c, "history": n, "method": name, **percentiles(ts)})
+            line = "  ".join(f"{m} {np.percentile(ts, 50) * 1e3:7.2f}" for m, ts in timings.items())
+            print(f"C={c:<5d} n={n:<4d} p50 ms: {line}", flush=True)
+            if args.saturation_s > 0:
+                loads = {}
+                if server and "grpc" in methods:
+                    loads["grpc"] = grpc_call
+                if server and "rest" in methods:
+                    loads["rest"] = rest_call
+                for name, url in peers.items():
+                    if c in peer_cands:
+                        loads[f"peer:{name}"] = lambda url=url: rest_call(url)
+                for name, call in loads.items():
+                    sat = saturate(call, args.concurrency, args.saturation_s)
+                    throughput.append({"candidates": c, "history": n, "protocol": name, **sat})
+                    print(f"C={c:<5d} n={n:<4d} {name} at saturation: {sat['rps']:.1f} req/s "
+                          f"({sat['concurrency']} in flight, {sat['errors']} errors)", flush=True)
+
+    profile = None
+    if args.profile:
+        profile = await _profile(args, serving, workload, users, max(hists), rng, context_user)
+    http.close()
+    if channel:
+        channel.close()
+    serving.executor.shutdown(wait=False)
+    await serving.client.aclose()
+    info = {"name": model.name, "version": model.version, "max_history": model.max_history,
+            "runtime": model.runtime, "source_version": model.source_version}
+    return {"rows": rows, "throughput": throughput, "model": info, "profile": profile}
+
+
+async def _profile(args, serving, workload, users, n, rng, context_user) -> dict:
+    """cProfile of in-process Scores (C=100, history n), the model run inline so it is seen."""
+    import cProfile
+    import io
+    import pstats
+
+    from services.ranking.protocol import ScoreRequestModel, query_from_model
+
+    body = workload.request(users[n], REQUEST_TIME_MS, 100, rng, context_user=context_user, request_id="profile")
+    query = query_from_model(ScoreRequestModel(**body))
+    pool, serving.executor = serving.executor, InlineExecutor()
+    try:
+        for _ in range(5):
+            await serving.score(query, None)
+        calls = max(20, min(200, args.max_reps))
+        profiler = cProfile.Profile()
+        t0 = time.perf_counter()
+        profiler.enable()
+        for _ in range(calls):
+            await serving.score(query, None)
+        profiler.disable()
+        wall = time.perf_counter() - t0
+    finally:
+        serving.executor = pool
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
+    stats.print_stats(25)
+    total = sum(v[2] for v in stats.stats.values())
+    top = sorted(((v[2], v[3], f"{Path(k[0]).name}:{k[1]}({k[2]})") for k, v in stats.stats.items()), reverse=True)[:15]
+    args.profile.parent.mkdir(parents=True, exist_ok=True)
+    args.profile.write_text(text.getvalue())
+    return {"candidates": 100, "history": n, "calls": calls, "ms_per_score": 1e3 * wall / calls,
+            "file": str(args.profile),
+            "top_tottime": [{"function": f, "tottime_ms_per_score": 1e3 * tt / calls, "share": tt / total,
+                             "cumtime_ms_per_score": 1e3 * ct / calls} for tt, ct, f in top]}
+
+
+def ratios(rows: list[dict], throughput: list[dict]) -> list[dict]:
+    by = {(r["candidates"], r["history"], r["method"]): r for r in rows}
+    tp = {(t["candidates"], t["history"], t["protocol"]): t["rps"] for t in throughput}
+    out = []
+    for c, n in sorted({(r["candidates"], r["history"]) for r in rows}, key=lambda k: (k[1], k[0])):
+        fetch, model = by.get((c, n, "fetch")), by.get((c, n, "model"))
+        if not fetch or not model:
+            continue
+        floor = fetch["p50_ms"] + model["p50_ms"]
+        row = {"candidates": c, "history": n, "floor_p50_ms": floor}
+        for m in ("inproc", "grpc", "rest"):
+            if (c, n, m) in by:
+                row[f"{m}_over_floor_p50"] = by[(c, n, m)]["p50_ms"] / floor
+        for key in list(by):
+            if key[:2] == (c, n) and key[2].startswith("peer:"):
+                name = key[2]
+                for m in ("grpc", "rest"):
+                    if (c, n, m) in by:
+                        row[f"{name}_over_{m}_p50"] = by[key]["p50_ms"] / by[(c, n, m)]["p50_ms"]
+                    if (c, n, m) in tp and (c, n, name) in tp:
+                        row[f"{m}_over_{name}_throughput"] = tp[(c, n, m)] / max(tp[(c, n, name)], 1e-9)
+        out.append(row)
+    return out
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    tp = {(t["candidates"], t["history"], t["protocol"]): t for t in result["throughput"]}
+    lines = ["| C | n | " + " | ".join(f"{m} p50 / p95 / p99 ms" for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    cells = {(r["candidates"], r["history"], r["method"]): r for r in rows}
+    keys = sorted({(r["candidates"], r["history"]) for r in rows}, key=lambda k: (k[1], k[0]))
+    for c, n in keys:
+        vals = [cells.get((c, n, m)) for m in methods]
+        lines.append(f"| {c} | {n} | " + " | ".join(
+            f"{v['p50_ms']:.2f} / {v['p95_ms']:.2f} / {v['p99_ms']:.2f}" if v else "-" for v in vals) + " |")
+    if result["throughput"]:
+        protocols = list(dict.fromkeys(t["protocol"] for t in result["throughput"]))
+        conc = result["throughput"][0]["concurrency"]
+        lines += ["", f"Throughput at saturation ({conc} requests in flight), req/s (p50 / p99 ms under that load):", "",
+                  "| C | n | " + " | ".join(protocols) + " |", "|---|---|" + "---|" * len(protocols)]
+        for c, n in keys:
+            vals = [tp.get((c, n, p)) for p in protocols]
+            lines.append(f"| {c} | {n} | " + " | ".join(
+                f"{v['rps']:.1f} ({v.get('loaded_p50_ms', float('nan')):.0f} / {v.get('loaded_p99_ms', float('nan')):.0f})"
+                if v else "-" for v in vals) + " |")
+    rat = result["ratios"]
+    if rat:
+        extra = sorted({k for r in rat for k in r if k not in ("candidates", "history", "floor_p50_ms")})
+        lines += ["", "Ratios (same run): floor = p50(fetch) + p50(model).", "",
+                  "| C | n | floor p50 ms | " + " | ".join(k.replace("_", " ") for k in extra) + " |",
+                  "|---|---|---|" + "---|" * len(extra)]
+        for r in rat:
+            lines.append(f"| {r['candidates']} | {r['history']} | {r['floor_p50_ms']:.2f} | " + " | ".join(
+                f"{r[k]:.2f}" if k in r else "-" for k in extra) + " |")
+    return "\n".join(lines)
+
+
+def default_quick_models() -> Path:
+    env = os.environ.get("IAT_TEST_MODEL_DIR")
+    return Path(env) if env else Path("loadtests/out/models-quick")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("IAT_DATA_DIR", "../shared/data")) / "movielens-100k"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from storage.connection import EmbeddedRedis
+
+    torch.set_num_threads(args.threads)
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    data_dir = args.data_dir or default_data_dir()
+    if not (data_dir / "ml-100k.inter").is_file():
+        print(f"--data-dir: MovieLens-100K not found at {data_dir}", file=sys.stderr)
+        return 2
+    if args.model_dir is not None:
+        model_dir = args.model_dir
+    else:
+        model_dir = build_bench_models(args.quick_models or default_quick_models(), work / "models", args.history_len)
+    workload = MovieLensWorkload(data_dir)
+    embedded = None
+    url = args.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(directory=(work / "redis").resolve()).start()
+        url = embedded.url
+    server = None
+    methods = set(args.methods.split(","))
+    try:
+        if methods & {"grpc", "rest"}:
+            server = RankingProcess(model_dir, url, args.threads, args.runtime, work / "ranking.log").wait_ready()
+        result = asyncio.run(_measure(args, model_dir, url, workload, server))
+    finally:
+        if server:
+            server.stop()
+        if embedded is not None:
+            embedded.stop()
+    result["ratios"] = ratios(result["rows"], result["throughput"])
+    result.update({
+        "command": "iat bench score " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "score"]
+        else "python -m services.ranking.bench " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__, "threads": args.threads, "cpus": os.cpu_count(),
+        "python": platform.python_version(), "machine": platform.machine(),
+        "redis": "embedded (unix socket)" if embedded is not None else "REDIS URL given",
+        "model_dir": str(model_dir), "concurrency": args.concurrency,
+    })
+    print(markdown(result))
+    if args.json_path:
+        args.json_path.parent.mkdir(parents=True, exist_ok=True)
+        args.json_path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _parser = argparse.ArgumentParser(prog="python -m services.ranking.bench", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))

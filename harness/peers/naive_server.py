@@ -1,0 +1,80 @@
+"""The naive peer: the paper's architecture served as a straightforward deployment would.
+
+TorchScript of ``IATNaive`` (same weights as the served model; every candidate re-encodes the
+user's history) behind a plain FastAPI endpoint (a sync handler, run in Starlette's thread pool),
+with the same history read and featurization as the ranking service, so that what differs is
+the model's shape of work and the framework around it.
+
+    python harness/peers/naive_server.py --model-dir DIR --redis-url URL --port 8100
+    POST /v1/score  (the ranking service's REST JSON)
+"""
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+def create_app(model_dir: Path, redis_url: str):
+    import torch
+    from fastapi import FastAPI
+
+    from harness.naive import IATNaive
+    from models.export import example_inputs
+    from models.runtime.loader import latest_version, load_ranking_model
+    from services.ranking.protocol import ScoreRequestModel
+    from services.ranking.registry import ModelRegistry
+    from services.ranking.serving import history_inputs
+    from storage.connection import connect
+    from storage.instance_store import InstanceStore
+
+    version = latest_version(model_dir, "iat")
+    model = load_ranking_model(version, "eager", "cpu")
+    naive = IATNaive(json.loads((version / "config.json").read_text())).eval()
+    naive.load_state_dict(torch.load(version / "weights.pt", weights_only=True))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model._runner = torch.jit.trace(naive, example_inputs(naive), check_trace=False)
+    model.runtime = "torchscript-naive"
+    dim, codec, code_length, code_dtype, tasks = ModelRegistry(model_dir).record_layout(model)
+    store = InstanceStore(connect(redis_url), dim=dim, codec=codec, tasks=tasks, code_length=code_length,
+                          code_dtype=np.dtype(code_dtype))
+    app = FastAPI(title="naive IAT peer")
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/score")
+    def score(body: ScoreRequestModel) -> dict:
+        history = store.read_history(body.user_id, body.request_time_ms, model.max_history,
+                                     expected_source_version=model.source_version)
+        cat, multi, num = model.featurizer.encode(
+            body.user_id, body.request_time_ms, [c.item_id for c in body.candidates],
+            body.context.categorical, body.context.numeric,
+            [c.features.categorical for c in body.candidates], [c.features.numeric for c in body.candidates])
+        scores = model.score(history_inputs(history), body.request_time_ms, cat, multi, num)
+        return {"request_id": body.request_id, "model": "iat-naive", "history_length": len(history),
+                "tasks": list(model.tasks), "scores": scores.reshape(-1).tolist()}
+
+    return app
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    args = parser.parse_args()
+    import uvicorn
+
+    uvicorn.run(create_app(args.model_dir, args.redis_url), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""IAT downstream model (Eq. 9-11).
+
+For a request at time t the IAT sequence is the user's last L instances strictly before t
+(``PreparedData.history_index``), each an InsToken = concat(adapted InsEmb
+E' = GELU(E Wa + ba), side-info embeddings). Side info: the instance's past labels (one id
+per label combination; dropped in the ``no_label_side_info`` ablation) and its age at request
+time (log2 hours bucket). A query token (Eq. 11: an MLP compressing all the downstream's
+feature tokens, or the ``id`` ablation: the candidate item id alone) reads the sequence; the
+output enters the token-mixing feature interaction as one more token.
+
+Two attention variants (``ModelConfig.attention``):
+- ``"full"`` (the paper): one Transformer over [query ; InsTokens], every token sees every
+  token, so the history must be re-encoded for each candidate.
+- ``"shared"`` (serving): InsTokens attend among themselves only, then the query attends to
+  them. ``encode_history(tokens, mask)`` runs once per request; ``score(memory, batch)``
+  scores any number of candidates against it (keys/values projected once).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.nn.base import Backbone, FeatureShape, ModelConfig, TaskHeads
+from models.nn.layers import CrossAttention, SelfAttentionBlock
+
+N_GAP_BUCKETS = 24
+
+
+class HistoryMemory(NamedTuple):
+    keys: torch.Tensor     # [B, H, 1 + L, dh]
+    values: torch.Tensor   # [B, H, 1 + L, dh]
+    mask: torch.Tensor     # [B, 1 + L] (slot 0: a learned always-valid token)
+
+
+def gap_bucket(request_ms: torch.Tensor, hist_ms: torch.Tensor) -> torch.Tensor:
+    """floor(log2(1 + hours between history instance and request)), clipped."""
+    hours = (request_ms.unsqueeze(-1) - hist_ms).clamp(min=0).double() / 3.6e6
+    return torch.log2(1.0 + hours).floor().long().clamp(0, N_GAP_BUCKETS - 1)
+
+
+class IATDownstream(nn.Module):
+    def __init__(self, cfg: ModelConfig, shape: FeatureShape):
+        super().__init__()
+        if cfg.attention not in ("shared", "full"):
+            raise ValueError(f"attention must be 'shared' or 'full', got {cfg.attention!r}")
+        if cfg.query not in ("compressed", "id"):
+            raise ValueError(f"query must be 'compressed' or 'id', got {cfg.query!r}")
+        self.cfg = cfg
+        w = cfg.iat_width
+        self.backbone = Backbone(cfg, shape, n_extra_tokens=1)
+        # InsEmbs arrive at whatever scale their source model left them; normalising first
+        # keeps them from drowning the side-info embeddings at the start of training.
+        self.insemb_norm = nn.LayerNorm(cfg.insemb_dim)
+        self.adapt = nn.Linear(cfg.insemb_dim, cfg.adapt_dim)
+        self.n_label_ids = 1 << shape.n_tasks
+        self.label_side = nn.Embedding(self.n_label_ids + 1, cfg.side_dim, padding_idx=self.n_label_ids)
+        self.gap_side = nn.Embedding(N_GAP_BUCKETS, cfg.side_dim)
+        side = cfg.side_dim * (2 if cfg.label_side_info else 1)
+        self.token_proj = nn.Linear(cfg.adapt_dim + side, w)
+        self.pos = nn.Parameter(torch.randn(cfg.history_len + 1, w) * 0.02)
+        if cfg.query == "compressed":
+            self.query = nn.Sequential(nn.LayerNorm(self.backbone.flat_dim),
+                                       nn.Linear(self.backbone.flat_dim, 2 * w), nn.GELU(),
+                                       nn.Linear(2 * w, w))
+        else:
+            self.query = nn.Linear(cfg.emb_dim, w)
+        self.null = nn.Parameter(torch.randn(1, 1, w) * 0.02)
+        self.encoder = nn.ModuleList(SelfAttentionBlock(w, cfg.iat_heads, 2 * w, cfg.dropout)
+                                     for _ in range(cfg.iat_layers))
+        if cfg.attention == "shared":
+            self.cross = CrossAttention(w, cfg.iat_heads, 2 * w)
+        self.out = nn.Linear(w, self.backbone.token_dim)
+        self.heads = TaskHeads(self.backbone.out_dim, shape.n_tasks, cfg.head_hidden)
+
+    # -- history side (once per request)
+    def history_tokens(self, insemb: torch.Tensor, label_ids: torch.Tensor,
+                       gap_ids: torch.Tensor) -> torch.Tensor:
+        """InsTokens [B, L, w] (Eq. 9-10) from InsEmbs [B, L, d], past-label ids (-1 pad) and
+        age buckets."""
+        parts = [F.gelu(self.adapt(self.insemb_norm(insemb)))]
+        if self.cfg.label_side_info:
+            parts.append(self.label_side(torch.where(label_ids < 0, self.n_label_ids, label_ids)))
+        parts.append(self.gap_side(gap_ids))
+        tokens = self.token_proj(torch.cat(parts, dim=-1))
+        return tokens + self.pos[1: tokens.shape[1] + 1]
+
+    def encode_history(self, tokens: torch.Tensor, mask: torch.Tensor) -> HistoryMemory:
+        """Shared-history encoding: InsTokens attend among themselves (never to a candidate)."""
+        if self.cfg.attention != "shared":
+            raise RuntimeError("encode_history is only defined for attention='shared'")
+        b = tokens.shape[0]
+        x = torch.cat([self.null.expand(b, -1, -1), tokens], dim=1)
+        mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
+        for block in self.encoder:
+            x = block(x, mask)
+        keys, values = self.cross.project_memory(x)
+        return HistoryMemory(keys, values, mask)
+
+    # -- candidate side
+    def _query(self, fields: torch.Tensor, seq_tok: torch.Tensor, batch) -> torch.Tensor:
+        if self.cfg.query == "compressed":
+            return self.query(self.backbone.flat_features(fields, seq_tok))
+        return self.query(self.backbone.embedder.lookup(batch["item"]))
+
+    def score(self, memory: HistoryMemory, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits [C, T] for C candidates against one encoded history (memory batch 1) or
+        against one history each (memory batch C)."""
+        fields, seq_tok = self.backbone.fields(batch)
+        out = self.cross(self._query(fields, seq_tok, batch), memory.keys, memory.values, memory.mask)
+        return self.heads(self.backbone.interact(fields, seq_tok, [self.out(out)]))
+
+    def _full(self, batch, tokens, mask) -> torch.Tensor:
+        fields, seq_tok = self.backbone.fields(batch)
+        q = self._query(fields, seq_tok, batch) + self.pos[0]
+        x = torch.cat([q.unsqueeze(1), tokens], dim=1)
+        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        for block in self.encoder:
+            x = block(x, mask)
+        return self.heads(self.backbone.interact(fields, seq_tok, [self.out(x[:, 0])]))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = self.history_tokens(batch["hist_emb"], batch["hist_label"],
+                                     gap_bucket(batch["ts_ms"], batch["hist_ts"]))
+        if self.cfg.attention == "full":
+            return self._full(batch, tokens, batch["hist_mask"])
+        return self.score(self.encode_history(tokens, batch["hist_mask"]), batch)
+
+

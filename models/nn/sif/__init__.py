@@ -1,0 +1,1 @@
+"""SIF networks: sub-token encoder, residual VQ, Sample Tokenizer, SIF-Mixer."""

@@ -1,0 +1,1 @@
+"""Training, offline evaluation and experiments (the paper's rows)."""

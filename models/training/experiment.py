@@ -1,0 +1,331 @@
+"""Offline experiment: the paper's model rows trained and evaluated on one ``PreparedData``.
+
+Rows live in a registry so other modules add theirs without editing this file::
+
+    from models.training.registry import register_row, RowResult
+    def my_row(data, seed, cfg) -> RowResult: ...
+    register_row("my_model", my_row)
+
+A row function trains on the train split, tunes (early stopping) on validation only, and
+returns probabilities for the validation and test rows (row order of
+``data.split_indices(1)`` / ``(2)``) per task, plus ``extra`` (anything JSON-able, copied into
+results.json). Source models are trained once per seed and shared between rows through
+``cfg.shared(key, factory)``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from models.data.prepared import PreparedData
+from models.nn.base import BaseRanker, FeatureShape
+from models.training.batches import feature_batch
+from models.training.downstream import predict_downstream, train_downstream
+from models.training.loop import fit, predict, set_seed, shuffled_batches
+from models.training.metrics import task_metrics
+from models.training.registry import (
+    ROWS,
+    ExperimentConfig,
+    RowFn,
+    RowResult,
+    register_row,
+)
+from models.training.source import (
+    history_predict,
+    insembs,
+    train_temporal_source,
+    train_user_order_source,
+    two_pass_insembs,
+    user_crossfit_insembs,
+)
+
+# ---------------------------------------------------------------- the paper's rows
+
+def row_base(data: PreparedData, seed: int, cfg: ExperimentConfig) -> RowResult:
+    set_seed(seed)
+    mc = cfg.model
+    model = BaseRanker(mc, FeatureShape.of(data))
+    train, val, test = (data.split_indices(s) for s in (0, 1, 2))
+    rng = np.random.default_rng(seed)
+
+    def forward(rows):
+        return model(feature_batch(data, rows, mc.seq_len))
+
+    def epoch_batches(epoch):
+        for rows in shuffled_batches(train, cfg.train.batch_size, rng):
+            yield feature_batch(data, rows, mc.seq_len), torch.from_numpy(data.labels[rows]), None
+
+    def validate():
+        model.eval()
+        return data.labels[val], predict(forward, val)
+
+    info = fit(model, epoch_batches, validate, cfg.train, desc=f"base s{seed}")
+    return RowResult(predict(forward, val), predict(forward, test), {"train": info})
+
+
+def _source_extra(data, probs_val, probs_test) -> dict:
+    val, test = data.split_indices(1), data.split_indices(2)
+    m_val = task_metrics(data.labels[val], probs_val, data.user_index[val], data.tasks)
+    m_test = task_metrics(data.labels[test], probs_test, data.user_index[test], data.tasks)
+    return {"val": m_val, "test": m_test}
+
+
+def temporal_source_embeddings(data: PreparedData, seed: int, cfg: ExperimentConfig):
+    def build():
+        set_seed(seed)
+        if cfg.insemb_protocol == "all_users":
+            model, info = train_temporal_source(data, cfg.model, cfg.train, seed)
+            models, e_all = [model], insembs(model, data)
+        else:
+            e_all, infos = user_crossfit_insembs(data, lambda tr, va, k: train_temporal_source(
+                data, cfg.model, cfg.train, seed + 100 * k, train_rows=tr, val_rows=va), seed)
+            models = [i.pop("model") for i in infos]
+            info = {"folds": infos}
+        val, test = data.split_indices(1), data.split_indices(2)
+        fwd = lambda r: models[0](feature_batch(data, r, cfg.model.seq_len))  # noqa: E731
+        info["source_metrics_fold0_model"] = _source_extra(data, predict(fwd, val), predict(fwd, test))
+        info["insemb_protocol"] = cfg.insemb_protocol
+        return e_all, info
+    return cfg.shared(("temporal", id(data), seed), build)
+
+
+def user_order_embeddings(data: PreparedData, seed: int, cfg: ExperimentConfig):
+    def build():
+        set_seed(seed)
+        if cfg.insemb_protocol == "all_users":
+            model, info = train_user_order_source(data, cfg.model, cfg.train, seed, cfg.source_window)
+            models, e_all = [model], insembs(model, data)
+        else:
+            e_all, infos = user_crossfit_insembs(data, lambda tr, va, k: train_user_order_source(
+                data, cfg.model, cfg.train, seed + 100 * k, cfg.source_window, train_rows=tr,
+                val_rows=va), seed)
+            models = [i.pop("model") for i in infos]
+            info = {"folds": infos}
+        val, test = data.split_indices(1), data.split_indices(2)
+        e_model = insembs(models[0], data)
+        info["source_metrics_fold0_model"] = _source_extra(
+            data, history_predict(models[0], data, val, e_model, cfg.source_window),
+            history_predict(models[0], data, test, e_model, cfg.source_window))
+        info["insemb_protocol"] = cfg.insemb_protocol
+        return e_all, info
+    return cfg.shared(("user", id(data), seed), build)
+
+
+def _downstream_row(source: str, **overrides) -> RowFn:
+    def row(data: PreparedData, seed: int, cfg: ExperimentConfig) -> RowResult:
+        if source == "temporal":
+            e_all, src_info = temporal_source_embeddings(data, seed, cfg)
+        elif source == "user_two_pass":
+            e_all, src_info = cfg.shared(("two_pass", id(data), seed), lambda: two_pass_insembs(
+                data, cfg.model, cfg.train, seed, cfg.source_window))
+        else:
+            e_all, src_info = user_order_embeddings(data, seed, cfg)
+        set_seed(seed)
+        mc = replace(cfg.model, **overrides)
+        model, info = train_downstream(data, e_all, mc, cfg.train, seed,
+                                       desc=f"{source} downstream {overrides or ''} s{seed}")
+        val, test = data.split_indices(1), data.split_indices(2)
+        return RowResult(predict_downstream(model, data, val, e_all),
+                         predict_downstream(model, data, test, e_all),
+                         {"train": info, "source": src_info})
+    return row
+
+
+register_row("base", row_base, description="base ranking model (Eq. 1-3)")
+register_row("temporal_iat", _downstream_row("temporal"),
+             description="downstream over temporal-order InsEmbs, shared-history attention")
+register_row("user_iat", _downstream_row("user"),
+             description="downstream over user-order (SIT) InsEmbs, shared-history attention")
+register_row("user_iat_full_attention", _downstream_row("user", attention="full"),
+             description="as user_iat, full attention over [query; history] (the paper's)")
+register_row("user_iat_no_label_side_info", _downstream_row("user", label_side_info=False),
+             description="as user_iat without past labels as side info")
+register_row("user_iat_id_query", _downstream_row("user", query="id"),
+             description="as user_iat with the candidate item id as the query")
+register_row("user_iat_two_pass", _downstream_row("user_two_pass"), default=False,
+             description="as user_iat with two-pass user-order InsEmbs (App. A.3)")
+
+
+# The SIF rows register themselves (they import the registry, never this module: no cycle).
+import models.training.sif.rows  # noqa: E402,F401
+
+
+# ---------------------------------------------------------------- running and reporting
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=0)) if len(arr) > 1 else 0.0
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if np.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    return obj
+
+
+def _run_seed(data: PreparedData, cfg: ExperimentConfig, names: list[str], seed: int,
+              progress: Callable[[str], None] = print) -> dict[str, dict]:
+    torch.set_num_threads(cfg.threads)
+    cfg._shared.clear()  # source models are shared within a seed, not across seeds
+    val, test = data.split_indices(1), data.split_indices(2)
+    out = {}
+    for name in names:
+        t0 = time.perf_counter()
+        res = ROWS[name].fn(data, seed, cfg)
+        if res.test_probs.shape != (len(test), len(data.tasks)):
+            raise ValueError(f"row {name}: test_probs has shape {res.test_probs.shape}, "
+                             f"expected {(len(test), len(data.tasks))}")
+        out[name] = {
+            "seed": seed, "seconds": time.perf_counter() - t0,
+            "test": task_metrics(data.labels[test], res.test_probs, data.user_index[test], data.tasks),
+            "val": task_metrics(data.labels[val], res.val_probs, data.user_index[val], data.tasks),
+            "extra": _jsonable(res.extra)}
+        m = out[name]["test"][data.tasks[0]]
+        progress(f"seed {seed} {name:<30} test {data.tasks[0]} AUC {m['auc']:.4f} "
+                 f"GAUC {m['gauc']:.4f} LogLoss {m['logloss']:.4f} ({out[name]['seconds']:.0f}s)")
+    cfg._shared.clear()
+    return out
+
+
+def share_group(name: str) -> str:
+    """Rows in one group share source models, so they run in the same process."""
+    if name.startswith("temporal"):
+        return "temporal"
+    if name.startswith("user_iat") and name != "user_iat_two_pass":
+        return "user"
+    return name
+
+
+_FORKED: tuple | None = None  # (data, cfg) handed to forked workers
+
+
+def _forked_unit(unit: tuple[int, list[str]]) -> dict[str, dict]:
+    data, cfg = _FORKED
+    seed, names = unit
+    return {(seed, k): v for k, v in
+            _run_seed(data, cfg, names, seed, progress=lambda m: print(m, flush=True)).items()}
+
+
+def run_experiment(data: PreparedData, cfg: ExperimentConfig, rows: list[str] | None = None,
+                   seeds: int = 3, progress: Callable[[str], None] = print) -> dict:
+    """Train and evaluate each row for ``seeds`` seeds; returns the results.json content.
+    With ``cfg.workers > 1``, (seed, share group) units run in forked processes of
+    ``cfg.threads`` threads each; rows sharing a source model stay in one process."""
+    global _FORKED
+    names = rows or [n for n, spec in ROWS.items() if spec.default]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; registered: {sorted(ROWS)}")
+    val, test = data.split_indices(1), data.split_indices(2)
+    data.history_index(cfg.model.history_len)  # computed once, inherited by workers
+    data.history_index(cfg.model.seq_len)
+    data.history_length()
+    started = time.perf_counter()
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(share_group(name), []).append(name)
+    units = [(seed, group) for seed in range(seeds) for group in groups.values()]
+    units.sort(key=lambda u: -len(u[1]))  # biggest first: better packing on few workers
+    workers = max(1, min(cfg.workers, len(units)))
+    results: dict[tuple[int, str], dict] = {}
+    if workers == 1:
+        for seed in range(seeds):
+            results.update({(seed, k): v for k, v in _run_seed(data, cfg, names, seed, progress).items()})
+    else:
+        import multiprocessing as mp
+        _FORKED = (data, cfg)
+        try:
+            with mp.get_context("fork").Pool(workers) as pool:
+                for part in pool.imap_unordered(_forked_unit, units, chunksize=1):
+                    results.update(part)
+        finally:
+            _FORKED = None
+    per_row = {name: [results[(seed, name)] for seed in range(seeds)] for name in names}
+    out_rows = []
+    for name in names:
+        runs = per_row[name]
+        per_task = {}
+        for task in data.tasks:
+            entry = {}
+            for metric in ("auc", "gauc", "logloss"):
+                mean, std = _mean_std([r["test"][task][metric] for r in runs])
+                entry[metric], entry[f"{metric}_std"] = mean, std
+            entry["val_auc"], entry["val_auc_std"] = _mean_std([r["val"][task]["auc"] for r in runs])
+            per_task[task] = entry
+        head = per_task[data.tasks[0]]
+        out_rows.append({"model": name, **{k: head[k] for k in
+                        ("auc", "gauc", "logloss", "auc_std", "gauc_std", "logloss_std", "val_auc", "val_auc_std")},
+                         "per_task": per_task, "seconds_per_seed": _mean_std([r["seconds"] for r in runs])[0],
+                         "description": ROWS[name].description,
+                         "runs": [{"seed": r["seed"], "test": r["test"], "val": r["val"],
+                                   "extra": r["extra"]} for r in runs]})
+    return _jsonable({"dataset": data.name, "tasks": data.tasks, "headline_task": data.tasks[0],
+                      "seeds": seeds, "n_instances": data.n,
+                      "split_sizes": {"train": len(data.split_indices(0)), "val": len(val), "test": len(test)},
+                      "config": cfg.to_dict(), "wall_seconds": time.perf_counter() - started,
+                      "rows": out_rows})
+
+
+def results_table(results: dict) -> str:
+    tasks = results["tasks"]
+    head = f"{'model':<30}" + "".join(f" {t + ' ' + m:>22}" for t in tasks for m in ("AUC", "GAUC", "LogLoss"))
+    lines = [head, "-" * len(head)]
+    for row in results["rows"]:
+        cells = []
+        for t in tasks:
+            pt = row["per_task"][t]
+            for m in ("auc", "gauc", "logloss"):
+                val, std = pt[m], pt[f"{m}_std"]
+                cells.append(f" {'nan' if val is None else f'{val:.4f}'} ± {0.0 if std is None else std:.4f}".rjust(23))
+        lines.append(f"{row['model']:<30}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def write_results(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps(results, indent=2))
+    png_path = out / "results.png"
+    plot_results(results, png_path)
+    return json_path, png_path
+
+
+def plot_results(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    names = [r["model"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(rows) + 2.5))
+    for ax, metric in zip(axes, ("auc", "gauc", "logloss")):
+        means = [r[metric] if r[metric] is not None else np.nan for r in rows]
+        stds = [r[f"{metric}_std"] or 0.0 for r in rows]
+        ax.barh(range(len(rows)), means, xerr=stds, color="tab:blue", alpha=0.8, capsize=3)
+        ax.set_yticks(range(len(rows)), names if metric == "auc" else [""] * len(rows))
+        finite = [m for m in means if np.isfinite(m)]
+        if finite:
+            span = max(finite) - min(finite)
+            pad = max(span, 0.005)
+            ax.set_xlim(min(finite) - pad, max(finite) + pad)
+        ax.set_title(f"{results['headline_task']} {metric.upper()} (test, mean ± std, {results['seeds']} seeds)")
+        ax.invert_yaxis()
+    fig.suptitle(f"{results['dataset']}: {len(rows)} rows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

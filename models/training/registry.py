@@ -1,0 +1,65 @@
+"""The experiment's rows by name and the configuration every row receives."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from models.data.prepared import PreparedData
+from models.nn.base import ModelConfig
+from models.training.loop import TrainConfig
+
+
+@dataclass
+class RowResult:
+    val_probs: np.ndarray    # float [n_val, T]
+    test_probs: np.ndarray   # float [n_test, T]
+    extra: dict = field(default_factory=dict)
+
+
+RowFn = Callable[[PreparedData, int, "ExperimentConfig"], RowResult]
+
+
+@dataclass
+class RowSpec:
+    name: str
+    fn: RowFn
+    default: bool = True  # run when no --rows are given
+    description: str = ""
+
+
+ROWS: dict[str, RowSpec] = {}
+
+
+def register_row(name: str, fn: RowFn, *, default: bool = True, description: str = "") -> None:
+    ROWS[name] = RowSpec(name, fn, default, description)
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source_window: int = 128   # SIT length in batch user-order training
+    # "user_crossfit": a user's InsEmbs come from a source model not trained on that user
+    # (source.user_crossfit_insembs); "all_users": one source model on all train users (leaks
+    # each user's training labels into its InsEmbs; kept to measure that effect).
+    insemb_protocol: str = "user_crossfit"
+    threads: int = 1   # per worker process; 2 threads on 2 busy cores thrash
+    workers: int = 1   # seeds run in parallel processes
+    _shared: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def quick(cls) -> "ExperimentConfig":
+        return cls(model=ModelConfig(seq_len=10, history_len=32),
+                   train=TrainConfig(epochs=1, patience=1, batch_size=1024, lr=3e-3), source_window=64)
+
+    def shared(self, key: Any, factory: Callable[[], Any]) -> Any:
+        """Memoise ``factory()`` under ``key`` for the duration of one experiment run."""
+        if key not in self._shared:
+            self._shared[key] = factory()
+        return self._shared[key]
+
+    def to_dict(self) -> dict:
+        return {"model": asdict(self.model), "train": asdict(self.train),
+                "source_window": self.source_window, "insemb_protocol": self.insemb_protocol}

@@ -1,0 +1,1 @@
+"""SIF training: losses, history batches, the SIF rows, codebook health, compression."""
