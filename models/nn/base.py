@@ -3,13 +3,16 @@ feature interaction -> per-task heads. ``Backbone`` is shared by every ranking m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from models.data.prepared import PreparedData
 from models.nn.features import FeatureEmbedder
 from models.nn.layers import TargetAttention, TokenMixerBlock
+
+if TYPE_CHECKING:  # a dataset only describes its shape here; networks never load data
+    from models.data.prepared import PreparedData
 
 
 @dataclass
