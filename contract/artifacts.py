@@ -24,6 +24,9 @@ import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MODEL_NAMES = ("iat", "sif", "source")
 MANIFEST = "manifest.json"
@@ -84,31 +87,76 @@ def write_manifest(version_dir: Path, manifest: dict) -> Path:
     return path
 
 
-def read_manifest(version_dir: str | Path) -> dict:
+class Manifest(BaseModel):
+    """``manifest.json``: validated on read, so a loader never meets a missing or mistyped key.
+    Keys this version does not know are kept (``extra``), so older code reads newer manifests."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, protected_namespaces=())
+
+    name: str
+    kind: Literal["iat", "sif", "source"]
+    version: str
+    created: str
+    files: dict[str, str] = Field(min_length=1)   # file name -> sha256
+    schema_: dict[str, Any] = Field(alias="schema")  # FeatureSpec JSON: features and hashing
+    embedding_dim: int = Field(ge=0)
+    max_history: int = Field(ge=0)
+    codec: str
+    tasks: list[str] = Field(min_length=1)
+    source_version: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    code_length: int = Field(default=0, ge=0)
+    code_dtype: str = "uint8"
+    codebook_size: int | None = None
+    aoti_device: str | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style read of any key, known or extra (``schema`` included)."""
+        if key == "schema":
+            return self.schema_
+        value = getattr(self, key, None)
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "schema":
+            return self.schema_
+        if key in type(self).model_fields or key in (self.model_extra or {}):
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+def read_manifest(version_dir: str | Path) -> Manifest:
     path = Path(version_dir) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{path}: manifest.json not found")
     try:
-        manifest = json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
+    if not isinstance(raw, dict):
         raise ArtifactError(f"{path}: must hold a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
         raise ArtifactError(f"{path}: missing keys {missing}")
-    if not isinstance(manifest["files"], dict) or not manifest["files"]:
-        raise ArtifactError(f"{path}: key 'files' must map file names to sha256")
-    return manifest
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        raise ArtifactError(f"{path}: key {key!r}: {first['msg']}") from None
 
 
-def verify(version_dir: str | Path, needed: list[str]) -> dict:
+def verify(version_dir: str | Path, needed: list[str]) -> Manifest:
     """Read the manifest and check the sha256 of every file in ``needed`` (and that each is
     listed). Returns the manifest; raises ArtifactError naming the first bad file."""
     version_dir = Path(version_dir)
     manifest = read_manifest(version_dir)
     for name in needed:
-        expected = manifest["files"].get(name)
+        expected = manifest.files.get(name)
         if expected is None:
             raise ArtifactError(f"{version_dir / MANIFEST}: key 'files' does not list {name}")
         path = version_dir / name

@@ -89,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from contract.history import History
     from harness.naive import IATNaive
     from models.export import example_inputs
-    from models.runtime.loader import HistoryInputs, load_ranking_model
+    from models.runtime.loader import load_ranking_model
 
     torch.set_num_threads(args.threads)
     runtimes = [r for r in args.runtimes.split(",") if r]
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     t_req = 1_700_000_000_000
     results, max_diff = [], 0.0
     for n in hists:
-        history = HistoryInputs(rng.standard_normal((n, ref.embedding_dim)).astype(np.float32),
+        history = History(rng.standard_normal((n, ref.embedding_dim)).astype(np.float32),
                                 rng.integers(0, 2, (n, len(ref.tasks))).astype(np.int8),
                                 rng.integers(0, spec.n_buckets, n),
                                 t_req - 60_000 * (1 + np.arange(n, dtype=np.int64)), None)

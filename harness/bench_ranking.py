@@ -304,7 +304,6 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
     from services.config import Settings
     from services.ranking.main import build_serving
     from services.ranking.protocol import ScoreRequestModel, query_from_model
-    from services.ranking.serving import history_inputs
 
     settings = Settings(redis_url=redis_url, model_dir=model_dir, runtime=args.runtime, reload_interval_s=0)
     cands, hists = _ints(args.candidates, "candidates"), _ints(args.history, "history")
@@ -330,7 +329,7 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
             limit = model.max_history
             fetched = await store.read_history(users[n], REQUEST_TIME_MS, limit, expected_source_version=model.source_version)
             assert len(fetched) == min(n, limit), f"seeded history of {users[n]}: {len(fetched)} != {min(n, limit)}"
-            inputs = history_inputs(fetched)
+            inputs = fetched
             encode_args = (query.user_id, query.request_time_ms, query.item_ids, query.context.categorical,
                            query.context.numeric, [f.categorical for f in query.candidate_features],
                            [f.numeric for f in query.candidate_features])

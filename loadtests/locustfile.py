@@ -34,10 +34,10 @@ except ImportError:  # pragma: no cover - grpcio without gevent support
 
 import grpc
 import numpy as np
+from iat.ranking.v1 import ranking_pb2_grpc
 from locust import HttpUser, User, between, task
 from locust.clients import HttpSession
 
-from iat.ranking.v1 import ranking_pb2_grpc
 from harness.bench_ranking import MovieLensWorkload, to_proto
 
 POOL_SIZE = 64  # prebuilt requests per protocol: the client must not eat the cores it measures

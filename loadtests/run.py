@@ -22,13 +22,13 @@ from pathlib import Path
 
 import httpx
 
-from harness.processes import ServiceProcess, free_port
 from harness.bench_ranking import (
     MovieLensWorkload,
     build_bench_models,
     default_data_dir,
     default_quick_models,
 )
+from harness.processes import ServiceProcess, free_port
 
 
 def start_service(kind: str, env: dict, log_dir: Path, extra: list[str] = ()) -> ServiceProcess:

@@ -24,11 +24,11 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
-
 from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
+from harness.processes import ServiceProcess, ensure_quick_models, free_port
 from models.data.raw import raw_instances
 from models.data.schema import load_schema
-from harness.processes import ServiceProcess, ensure_quick_models, free_port
 from storage.connection import EmbeddedRedis, connect
 from storage.stream import InstanceStream
 

@@ -27,9 +27,28 @@ from typing import Any, Sequence
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.retry
 import redis.cluster
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
-REDIS_URL_ENV = "REDIS_URL"
+# The one retry policy of every client: a command that meets a dropped connection or a timeout is
+# retried on a fresh connection after 10, 20, 40 ms (capped at 0.5 s): a restart or a failover
+# costs a few ms of latency instead of an error. Longer outages surface as errors (storage.errors).
+RETRIES = 3
+
+
+def retry_policy(retries: int = RETRIES) -> Retry:
+    return Retry(ExponentialBackoff(cap=0.5, base=0.01), retries)
+
+
+def async_retry_policy(retries: int = RETRIES) -> redis.asyncio.retry.Retry:
+    return redis.asyncio.retry.Retry(ExponentialBackoff(cap=0.5, base=0.01), retries)
+
+
+def _with_retry(kwargs: dict, policy) -> dict:
+    return {"retry": policy, "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+            **kwargs}
 
 
 def redis_binary(name: str = "redis-server") -> str:
@@ -188,11 +207,9 @@ def embedded_url() -> str:
 
 
 def resolve_url(url: str | None) -> str:
-    """``url``, else ``$REDIS_URL``, else the embedded server's URL."""
-    if url:
-        return url
-    from_env = os.environ.get(REDIS_URL_ENV)
-    return from_env if from_env else embedded_url()
+    """``url``, else the process-wide embedded server's URL (``REDIS_URL`` is read by the
+    services' settings, never here)."""
+    return url or embedded_url()
 
 
 def _is_cluster(client: redis.Redis) -> bool:
@@ -205,7 +222,7 @@ def _is_cluster(client: redis.Redis) -> bool:
 def connect(url: str | None = None, *, cluster: bool | None = None, **kwargs: Any) -> redis.Redis | redis.cluster.RedisCluster:
     """A sync client (hiredis parser when installed, which redis-py picks by itself).
 
-    ``url=None``: ``$REDIS_URL``, or an embedded server when that is unset. ``cluster=None``
+    ``url=None``: an embedded server. ``cluster=None``
     asks the server whether it is a cluster node. ``kwargs`` go to redis-py (e.g. ``ssl_ca_certs``,
     ``socket_timeout``, ``username``, ``password``).
     """
@@ -218,7 +235,7 @@ def connect(url: str | None = None, *, cluster: bool | None = None, **kwargs: An
             probe.close()
     if cluster:
         return redis.cluster.RedisCluster.from_url(url, **kwargs)
-    return redis.Redis.from_url(url, **kwargs)
+    return redis.Redis.from_url(url, **_with_retry(kwargs, retry_policy()))
 
 
 async def connect_async(
@@ -237,4 +254,4 @@ async def connect_async(
             await probe.aclose()
     if cluster:
         return redis.asyncio.cluster.RedisCluster.from_url(url, **kwargs)
-    return redis.asyncio.Redis.from_url(url, **kwargs)
+    return redis.asyncio.Redis.from_url(url, **_with_retry(kwargs, async_retry_policy()))

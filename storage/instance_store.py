@@ -21,7 +21,6 @@ was not trained with). Records expired by TTL while still in the sequence are co
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,12 +29,13 @@ import redis
 import redis.cluster
 import redis.exceptions
 
+from contract.history import History  # noqa: E402  (re-exported: the store returns it)
 from storage.codecs import Codec
 from storage.records import (
     DecodedRecords,
     InstanceRecord,
     InvalidRecord,
-    RecordLayout,
+    RecordFormat,
     source_version_id,
     validate_ins_id,
     validate_timestamp,
@@ -44,25 +44,6 @@ from storage.records import (
 
 READ_HISTORY_LUA = (Path(__file__).with_name("read_history.lua")).read_text()
 MS_PER_DAY = 86_400_000
-
-
-@dataclass
-class History:
-    """A user's history before a time, newest first, as arrays (few objects per request)."""
-
-    ins_ids: np.ndarray  # uint64 [n]
-    timestamps_ms: np.ndarray  # int64 [n]
-    embeddings: np.ndarray  # float32 [n, d]
-    codes: np.ndarray | None  # uint8/uint16 [n, m], None when the store keeps no codes
-    labels: np.ndarray  # int8 [n, n_tasks]: 1, 0, or -1 when the task had no label
-    item_hashes: np.ndarray  # int64 [n]
-    source_versions: np.ndarray  # uint64 [n] (storage.records.source_version_id)
-    missing: int = 0  # in the sequence, record gone (TTL)
-    version_mismatch: int = 0  # dropped: another source-model version
-    incompatible: int = 0  # dropped: another dim or code length
-
-    def __len__(self) -> int:
-        return int(self.ins_ids.shape[0])
 
 
 def _member(ins_id: int) -> str:
@@ -93,7 +74,7 @@ class _StoreBase:
             raise ValueError(f"max_sequence_length: must be >= 1, got {max_sequence_length}")
         self.client = client
         self.prefix = prefix
-        self.layout = RecordLayout(
+        self.layout = RecordFormat(
             dim=dim, codec=codec if isinstance(codec, Codec) else Codec(codec),
             code_length=code_length, code_dtype=np.dtype(code_dtype), tasks=tuple(tasks),
         )
@@ -148,14 +129,7 @@ class _StoreBase:
         if expected_id is not None and len(history):
             keep = history.source_versions == np.uint64(expected_id)
             if not keep.all():
-                history = History(
-                    ins_ids=history.ins_ids[keep], timestamps_ms=history.timestamps_ms[keep],
-                    embeddings=history.embeddings[keep],
-                    codes=history.codes[keep] if history.codes is not None else None,
-                    labels=history.labels[keep], item_hashes=history.item_hashes[keep],
-                    source_versions=history.source_versions[keep], missing=history.missing,
-                    version_mismatch=int((~keep).sum()), incompatible=history.incompatible,
-                )
+                history = history.select(keep, version_mismatch=int((~keep).sum()))
         return history
 
     def _empty(self) -> DecodedRecords:

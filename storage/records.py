@@ -114,8 +114,9 @@ def validate_timestamp(timestamp_ms: object, index: int | None = None, name: str
 
 
 @dataclass(frozen=True)
-class RecordLayout:
-    """What one store writes: embedding dim and codec, code length and dtype, task names."""
+class RecordFormat:
+    """The binary format of one layout's records (``contract.layout.RecordLayout``): dim and codec,
+    code length and dtype, task names; encodes and decodes them."""
 
     dim: int
     codec: Codec

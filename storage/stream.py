@@ -18,7 +18,12 @@ from typing import Iterable, Sequence
 import redis
 import redis.exceptions
 
-from storage.records import InvalidRecord, validate_ins_id, validate_timestamp, validate_user_id
+from storage.records import (
+    InvalidRecord,
+    validate_ins_id,
+    validate_timestamp,
+    validate_user_id,
+)
 
 LABEL_PREFIX = "label:"
 

@@ -27,7 +27,6 @@ def create_app(model_dir: Path, redis_url: str):
     from models.runtime.loader import latest_version, load_ranking_model
     from services.ranking.protocol import ScoreRequestModel
     from services.ranking.registry import ModelRegistry
-    from services.ranking.serving import history_inputs
     from storage.connection import connect
     from storage.instance_store import InstanceStore
 
@@ -56,7 +55,7 @@ def create_app(model_dir: Path, redis_url: str):
             body.user_id, body.request_time_ms, [c.item_id for c in body.candidates],
             body.context.categorical, body.context.numeric,
             [c.features.categorical for c in body.candidates], [c.features.numeric for c in body.candidates])
-        scores = model.score(history_inputs(history), body.request_time_ms, cat, multi, num)
+        scores = model.score(history, body.request_time_ms, cat, multi, num)
         return {"request_id": body.request_id, "model": "iat-naive", "history_length": len(history),
                 "tasks": list(model.tasks), "scores": scores.reshape(-1).tolist()}
 

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.runtime.hashing import hash_buckets, ins_id
 from models.data.schema import DatasetSchema, SchemaError
+from models.runtime.hashing import hash_buckets, ins_id
 
 DEFAULT_BUCKETS = 1 << 16
 GROUPS = ("user", "item", "context", "cross")

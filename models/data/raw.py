@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.data.prepared import _read_table
-from models.runtime.hashing import ins_id
 from models.data.schema import DatasetSchema
+from models.runtime.hashing import ins_id
 
 
 def raw_instances(schema: DatasetSchema, data_dir: Path) -> list[dict]:

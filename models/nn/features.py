@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 
-
 class FeatureEmbedder(nn.Module):
     """Maps a feature batch to one embedding per field: [B, F_cat + F_multi + F_num, emb_dim]."""
 

@@ -13,12 +13,10 @@ manifest.json BEFORE it is deserialised. Device: CUDA when present, else CPU.
 
 ``offline_scores`` is what the trained eager model predicts for dataset rows with histories built
 offline (``PreparedData.history_index``); the ranking service, fed the same instances through the
-store, must reproduce it (the no-skew test). ``models/`` does not import ``storage/``:
-``HistoryInputs`` holds the same arrays as ``storage.instance_store.History``.
+store, must reproduce it (the no-skew test). Histories are ``contract.history.History``, the type the store returns.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +29,12 @@ from contract.artifacts import (
     TORCHSCRIPT_FILE,
     WEIGHTS_FILE,
     ArtifactError,
+    Manifest,
     latest_version,
     read_json,
     verify,
 )
+from contract.history import History
 from contract.inputs import MIN_DYNAMIC
 from models.runtime.featurizer import FeatureSpec, Featurizer
 from models.runtime.modules import build_module
@@ -42,27 +42,8 @@ from models.runtime.modules import build_module
 RUNTIMES = ("torchscript", "aoti", "eager")
 RUNTIME_FILES = {"torchscript": [TORCHSCRIPT_FILE], "aoti": [AOTI_FILE], "eager": [CONFIG_FILE, WEIGHTS_FILE]}
 
-__all__ = ["ArtifactError", "HistoryInputs", "RankingModel", "SourceModel", "RUNTIMES",
+__all__ = ["ArtifactError", "History", "RankingModel", "SourceModel", "RUNTIMES",
            "latest_version", "load_ranking_model", "load_source_model", "offline_scores"]
-
-
-@dataclass
-class HistoryInputs:
-    """One user's history, newest first: exactly the arrays ``storage.History`` holds."""
-
-    embeddings: np.ndarray      # float32 [n, d]
-    labels: np.ndarray          # int8 [n, T], -1 = unknown
-    item_hashes: np.ndarray     # int64 [n]
-    timestamps_ms: np.ndarray   # int64 [n]
-    codes: np.ndarray | None    # uint8/uint16 [n, m]
-
-    @classmethod
-    def empty(cls, d: int, n_tasks: int, code_length: int = 0) -> "HistoryInputs":
-        return cls(np.zeros((0, d), np.float32), np.zeros((0, n_tasks), np.int8), np.zeros(0, np.int64),
-                   np.zeros(0, np.int64), np.zeros((0, code_length), np.uint8) if code_length else None)
-
-    def __len__(self) -> int:
-        return int(self.timestamps_ms.shape[0])
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -81,7 +62,7 @@ def _load_runner(version_dir: Path, runtime: str, device: torch.device, manifest
         return module.to(device).eval()
     if runtime == "torchscript":
         return torch.jit.load(str(version_dir / TORCHSCRIPT_FILE), map_location=device).eval()
-    built_for = manifest.get("aoti_device", "cpu")
+    built_for = manifest.aoti_device or "cpu"
     if built_for != device.type:
         raise ArtifactError(f"{version_dir / AOTI_FILE}: compiled for {built_for}, cannot run on {device.type} "
                             f"(export on a {device.type} machine, or use runtime torchscript/eager)")
@@ -95,8 +76,8 @@ def _open(path: str | Path, runtime: str, device: str, kinds: tuple[str, ...]):
     if not version_dir.is_dir():
         raise ArtifactError(f"{version_dir}: model version directory not found")
     manifest = verify(version_dir, RUNTIME_FILES[runtime])  # sha256 BEFORE any load
-    if manifest["kind"] not in kinds:
-        raise ArtifactError(f"{version_dir / MANIFEST}: key 'kind' is {manifest['kind']!r}, expected one of {kinds}")
+    if manifest.kind not in kinds:
+        raise ArtifactError(f"{version_dir / MANIFEST}: key 'kind' is {manifest.kind!r}, expected one of {kinds}")
     dev = _device(device)
     return version_dir, manifest, dev, _load_runner(version_dir, runtime, dev, manifest)
 
@@ -128,18 +109,18 @@ class _Loaded:
     version: str
     runtime: str
     device: torch.device
-    manifest: dict
+    manifest: Manifest
     featurizer: Featurizer
 
     def _init_common(self, version_dir, manifest, device, runner, runtime):
         self.path = version_dir
         self.manifest = manifest
-        self.name, self.version = manifest["name"], manifest["version"]
+        self.name, self.version = manifest.name, manifest.version
         self.runtime, self.device, self._runner = runtime, device, runner
-        self.tasks = list(manifest["tasks"])
-        self.embedding_dim = int(manifest["embedding_dim"])
-        self.code_length = int(manifest.get("code_length", 0))
-        self.feature_spec = FeatureSpec.from_json(manifest["schema"])
+        self.tasks = list(manifest.tasks)
+        self.embedding_dim = manifest.embedding_dim
+        self.code_length = manifest.code_length
+        self.feature_spec = FeatureSpec.from_json(manifest.schema_)
         self.featurizer = Featurizer(self.feature_spec)
         spec = self.feature_spec
         self._widths = (len(spec.cat_fields), len(spec.multi_fields), spec.max_multi, len(spec.num_fields))
@@ -171,11 +152,11 @@ class RankingModel(_Loaded):
 
     def __init__(self, version_dir, manifest, device, runner, runtime):
         self._init_common(version_dir, manifest, device, runner, runtime)
-        self.kind = manifest["kind"]
-        self.max_history = int(manifest["max_history"])
-        self.source_version = manifest["source_version"]
+        self.kind = manifest.kind
+        self.max_history = manifest.max_history
+        self.source_version = manifest.source_version
 
-    def _history(self, history: HistoryInputs, request_time_ms: int) -> tuple[np.ndarray, ...]:
+    def _history(self, history: History, request_time_ms: int) -> tuple[np.ndarray, ...]:
         """Truncation: strictly before the request, newest first, at most max_history; padded
         to MIN_DYNAMIC slots (mask False)."""
         ts = _array(history.timestamps_ms, "history.timestamps_ms", np.int64, 1)
@@ -208,9 +189,9 @@ class RankingModel(_Loaded):
 
     @property
     def _codebook_size(self) -> int:
-        return int(self.manifest["codebook_size"])
+        return int(self.manifest.codebook_size or 0)
 
-    def score(self, history: HistoryInputs, request_time_ms: int, cat: np.ndarray, multi: np.ndarray,
+    def score(self, history: History, request_time_ms: int, cat: np.ndarray, multi: np.ndarray,
               num: np.ndarray) -> np.ndarray:
         """float32 probabilities [C, T]; the history is encoded once for all C candidates."""
         cat, multi, num = self._features(cat, multi, num)
@@ -229,7 +210,7 @@ class RankingModel(_Loaded):
         n_cat, n_multi, m, n_num = self._widths
         buckets = self.feature_spec.n_buckets
         for n, c in ((0, 1), (min(self.max_history, 64), 100), (self.max_history, 500)):
-            hist = HistoryInputs(
+            hist = History(
                 rng.standard_normal((n, self.embedding_dim)).astype(np.float32),
                 rng.integers(-1, 2, (n, len(self.tasks))).astype(np.int8),
                 rng.integers(0, buckets, n), np.arange(n, dtype=np.int64)[::-1] + 1_000,
@@ -250,12 +231,12 @@ class SourceModel(_Loaded):
 
     def __init__(self, version_dir, manifest, device, runner, runtime):
         self._init_common(version_dir, manifest, device, runner, runtime)
-        self.code_dtype = np.dtype(manifest["code_dtype"])
-        self.history_length = int(manifest["max_history"])
+        self.code_dtype = np.dtype(manifest.code_dtype)
+        self.history_length = manifest.max_history
         self._item_column = self.feature_spec.cat_fields.index(self.feature_spec.item_field)
 
     def embed(self, cat, multi, num, item_hashes: np.ndarray, timestamps_ms: np.ndarray,
-              history: list[HistoryInputs] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+              history: list[History] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """``history[i]``: instance i's user history (newest first; only item hashes and
         timestamps are read: the behaviour sequence = item hashes of the last ``history_length``
         instances strictly before ``timestamps_ms[i]``)."""

@@ -155,7 +155,6 @@ register_row("user_iat_two_pass", _downstream_row("user_two_pass"), default=Fals
 # The SIF rows register themselves (they import the registry, never this module: no cycle).
 import models.training.sif.rows  # noqa: E402,F401
 
-
 # ---------------------------------------------------------------- running and reporting
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -11,8 +11,8 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
 from services import metrics
 from services.ranking.errors import ScoreError
 from services.ranking.protocol import query_from_proto, result_to_proto

@@ -9,7 +9,6 @@ from fastapi.responses import JSONResponse
 from services import metrics
 from services.health import health_router
 from services.http_errors import error_body, install_error_handlers
-from services.security import RequestGuard
 from services.ranking.errors import ScoreError
 from services.ranking.protocol import (
     MAX_ID_LENGTH,
@@ -19,6 +18,7 @@ from services.ranking.protocol import (
     query_from_model,
     result_to_model,
 )
+from services.security import RequestGuard
 
 
 def error_response(err: ScoreError) -> JSONResponse:

@@ -12,14 +12,13 @@ from services.ranking.grpc_server import start_grpc_server
 from services.ranking.http_app import create_app
 from services.ranking.registry import ModelRegistry
 from services.ranking.serving import RankingServing
-from storage.connection import connect_async
+from services.stores import async_redis_client
 
 log = logging.getLogger(__name__)
 
 
 async def build_serving(settings: Settings) -> RankingServing:
-    client = await connect_async(settings.redis_url, socket_timeout=settings.redis_timeout_s,
-                                 socket_connect_timeout=settings.redis_timeout_s)
+    client = await async_redis_client(settings)
     registry = ModelRegistry(settings.model_dir, runtime=settings.runtime, device=settings.device,
                              default=settings.default_model)
     outcomes = await asyncio.to_thread(registry.refresh)

@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from iat.ranking.v1 import ranking_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
-from iat.ranking.v1 import ranking_pb2
 from services.ranking.errors import InvalidRequest, TooManyCandidates
 
 MAX_ID_LENGTH = 512

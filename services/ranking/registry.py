@@ -10,13 +10,18 @@ corrupted export does not take a model out of service after a restart.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
 
-from contract.artifacts import MANIFEST, is_version
-from models.runtime.loader import ArtifactError, RankingModel, latest_version, load_ranking_model
+from contract.artifacts import MANIFEST, is_version, read_manifest
+from contract.layout import RecordLayout
+from models.runtime.loader import (
+    ArtifactError,
+    RankingModel,
+    latest_version,
+    load_ranking_model,
+)
 from services import metrics
 from services.ranking.errors import ModelNotFound
 
@@ -49,17 +54,12 @@ class ModelRegistry:
             raise ModelNotFound(f"unknown model {key!r} (serving: {known})", "model")
         return model
 
-    def record_layout(self, model: RankingModel) -> tuple[int, str, int, str, tuple[str, ...]]:
-        """(dim, codec, code_length, code_dtype, tasks) of the records this model reads.
-
-        Records are written by the source model, with its InsEmb AND its SIF codes, so the
-        layout comes from that source model's manifest, not from the ranking model (an IAT
-        model reads no codes, a SIF model no embeddings, but both decode the same records).
-        """
-        path = self.model_dir / SOURCE_MODEL_NAME / model.source_version / "manifest.json"
-        manifest = json.loads(path.read_text()) if model.source_version and path.is_file() else model.manifest
-        return (int(manifest["embedding_dim"]), manifest.get("codec", "fp32"), int(manifest.get("code_length", 0)),
-                manifest.get("code_dtype", "uint8"), tuple(manifest["tasks"]))
+    def record_layout(self, model: RankingModel) -> RecordLayout:
+        """The layout of the records this model reads: its source model's (they were written by
+        it), else its own manifest's when that source version is not in the model directory."""
+        path = self.model_dir / SOURCE_MODEL_NAME / model.source_version
+        manifest = read_manifest(path) if model.source_version and (path / MANIFEST).is_file() else model.manifest
+        return RecordLayout.from_manifest(manifest)
 
     def ranking_names(self) -> list[str]:
         """Folders of the model directory holding at least one exported version (a volume's

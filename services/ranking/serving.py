@@ -12,26 +12,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import redis.exceptions
 
+from contract.history import History
+from contract.layout import RecordLayout
 from models.runtime.featurizer import FeatureError
-from models.runtime.loader import HistoryInputs, RankingModel
+from models.runtime.loader import RankingModel
 from services import metrics
 from services.config import Settings
 from services.ranking.errors import DeadlineExceeded, InvalidRequest, StoreUnavailable
 from services.ranking.protocol import ScoreQuery, ScoreResult, validate_query
 from services.ranking.registry import ModelRegistry
-from storage.instance_store import AsyncInstanceStore, History
+from services.stores import async_instance_store
+from storage.errors import STORE_ERRORS, describe
+from storage.instance_store import AsyncInstanceStore
 
 log = logging.getLogger(__name__)
-STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, OSError)
-
-
-def history_inputs(history: History) -> HistoryInputs:
-    return HistoryInputs(
-        embeddings=history.embeddings, labels=history.labels, item_hashes=history.item_hashes,
-        timestamps_ms=history.timestamps_ms, codes=history.codes,
-    )
 
 
 class RankingServing:
@@ -39,26 +34,20 @@ class RankingServing:
         self.settings = settings
         self.registry = registry
         self.client = client  # redis.asyncio client (or cluster)
-        self._stores: dict[tuple, AsyncInstanceStore] = {}
-        self._layouts: dict[tuple[str, str], tuple] = {}
+        self._stores: dict[RecordLayout, AsyncInstanceStore] = {}
+        self._layouts: dict[tuple[str, str], RecordLayout] = {}
         # Torch releases the GIL in kernels: a small pool overlaps one request's forward with
         # another's fetch and featurization without oversubscribing the cores.
         self.executor = ThreadPoolExecutor(max_workers=settings.model_threads, thread_name_prefix="model")
 
     def store_for(self, model: RankingModel) -> AsyncInstanceStore:
-        """A store decoding records the way this model's source model wrote them."""
-        key = self._layouts.get((model.name, model.version))
-        if key is None:
-            key = self._layouts[(model.name, model.version)] = self.registry.record_layout(model)
-        store = self._stores.get(key)
+        """A store decoding records the way this model's source model wrote them (one per layout)."""
+        layout = self._layouts.get((model.name, model.version))
+        if layout is None:
+            layout = self._layouts[(model.name, model.version)] = self.registry.record_layout(model)
+        store = self._stores.get(layout)
         if store is None:
-            store = AsyncInstanceStore(
-                self.client, prefix=self.settings.key_prefix, dim=key[0], codec=key[1],
-                code_length=key[2], code_dtype=np.dtype(key[3]), tasks=key[4],
-                retention_days=self.settings.retention_days,
-                max_sequence_length=self.settings.max_sequence_length,
-            )
-            self._stores[key] = store
+            store = self._stores[layout] = async_instance_store(self.client, self.settings, layout)
         return store
 
     async def _fetch(self, model: RankingModel, user_id: str, before_ms: int, timeout_s: float | None) -> History | None:
@@ -77,7 +66,7 @@ class RankingServing:
             if self.settings.degrade_on_store_error:
                 log.warning("store unavailable, scoring with an empty history: %s", exc)
                 return None
-            raise StoreUnavailable(f"the store cannot be reached: {type(exc).__name__}: {exc}")
+            raise StoreUnavailable(f"the store cannot be reached: {describe(exc)}")
 
     async def score(self, query: ScoreQuery, timeout_s: float | None) -> ScoreResult:
         start = time.perf_counter()
@@ -94,11 +83,11 @@ class RankingServing:
         if history is None:
             if before_ms > 0:
                 metrics.DEGRADED.inc()
-            inputs = HistoryInputs.empty(model.embedding_dim, len(model.tasks), model.code_length)
+            inputs = History.empty(model.embedding_dim, len(model.tasks), model.code_length)
         else:
             if history.missing:
                 metrics.MISSING_RECORDS.inc(history.missing)
-            inputs = history_inputs(history)
+            inputs = history
         n_hist = int(inputs.embeddings.shape[0])
         metrics.HISTORY_LENGTH.observe(n_hist)
 
@@ -141,7 +130,7 @@ class RankingServing:
         try:
             h = await self.store_for(model).read_history(user_id, before_ms, limit)
         except STORE_ERRORS as exc:
-            raise StoreUnavailable(f"the store cannot be reached: {type(exc).__name__}: {exc}")
+            raise StoreUnavailable(f"the store cannot be reached: {describe(exc)}")
         tasks = list(model.tasks)
         return {
             "user_id": user_id, "before_ms": before_ms, "limit": limit, "count": len(h),

@@ -14,9 +14,7 @@ from services.config import Settings
 from services.health import health_router
 from services.security import RequestGuard
 from services.sequencer.worker import SequencerWorker
-from storage.connection import connect
-from storage.instance_store import InstanceStore
-from storage.stream import InstanceStream
+from services.stores import instance_store, instance_stream, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +24,9 @@ class Sequencer:
 
     def __init__(self, settings: Settings, client=None) -> None:
         self.settings = settings
-        self.client = client if client is not None else connect(settings.redis_url)
-        self.store = InstanceStore(
-            self.client, prefix=settings.key_prefix, retention_days=settings.retention_days,
-            max_sequence_length=settings.max_sequence_length,
-        )
-        self.stream = InstanceStream(self.client, prefix=settings.key_prefix, maxlen=settings.stream_maxlen)
+        self.client = client if client is not None else redis_client(settings)
+        self.store = instance_store(self.client, settings)
+        self.stream = instance_stream(self.client, settings)
         base = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
         self.workers = [
             SequencerWorker(

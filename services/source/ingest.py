@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from contract.history import History
 from models.runtime.hashing import ins_id as make_ins_id
-from models.runtime.loader import HistoryInputs, SourceModel
+from models.runtime.loader import SourceModel
 from services.source.protocol import Instance
 from storage.instance_store import InstanceStore
 from storage.records import InstanceRecord
@@ -50,7 +51,7 @@ class Ingestor:
         ]
         return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
 
-    def histories(self, instances: list[Instance], ids: list[int], item_hashes: np.ndarray) -> list[HistoryInputs] | None:
+    def histories(self, instances: list[Instance], ids: list[int], item_hashes: np.ndarray) -> list[History] | None:
         """Streaming user-order (IAT Eq. 7-8): each instance's previous instances.
 
         The store's sequence is filled by the sequencer, after this batch is published, so the
@@ -79,10 +80,7 @@ class Ingestor:
                 # newest first, ties by InsID descending: the store's (and the loader's) order
                 order = np.lexsort((found_ids, ts))[::-1][:limit]
                 ts, items = ts[order], items[order]
-            out.append(HistoryInputs(
-                embeddings=np.zeros((len(ts), 0), np.float32), labels=np.zeros((len(ts), 0), np.int8),
-                item_hashes=items, timestamps_ms=ts, codes=None,
-            ))
+            out.append(History.items_only(ts, items))
         return out
 
     def ingest(self, instances: list[Instance]) -> list[int]:

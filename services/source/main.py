@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import socket
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-import numpy as np
-import redis.exceptions
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from contract.layout import RecordLayout
 from models.runtime.loader import latest_version, load_source_model
 from services import metrics
 from services.config import Settings
@@ -23,37 +22,31 @@ from services.health import health_router
 from services.http_errors import error_body, install_error_handlers
 from services.security import RequestGuard
 from services.source.batcher import MicroBatcher
-from services.source.raw_stream import RawInstanceConsumer
 from services.source.ingest import Ingestor
-from services.source.protocol import IngestRejected, IngestRequest, IngestResponse, validate_against_model
-from storage.connection import connect
-from storage.instance_store import InstanceStore
-from storage.stream import InstanceStream
+from services.source.protocol import (
+    IngestRejected,
+    IngestRequest,
+    IngestResponse,
+    validate_against_model,
+)
+from services.source.raw_stream import RawInstanceConsumer
+from services.stores import instance_store, instance_stream, redis_client
+from storage.errors import STORE_ERRORS
 
 log = logging.getLogger(__name__)
 SOURCE_MODEL_NAME = "source"
-# The store is down or too slow (IAT_REDIS_TIMEOUT_S): 503, the client retries; ingest is idempotent.
-STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, OSError)
 
 
 class SourceService:
     def __init__(self, settings: Settings, client=None) -> None:
         self.settings = settings
-        self.client = client if client is not None else connect(
-            settings.redis_url, socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s)
+        self.client = client if client is not None else redis_client(settings)
         path = latest_version(settings.model_dir, SOURCE_MODEL_NAME)
         if path is None:
             raise FileNotFoundError(f"no source model under {settings.model_dir}/{SOURCE_MODEL_NAME}: run `iat export`")
         self.model = load_source_model(path, runtime=settings.runtime, device=settings.device)
-        code_dtype = self.model.code_dtype if self.model.code_length else np.uint8
-        self.store = InstanceStore(
-            self.client, prefix=settings.key_prefix, dim=self.model.embedding_dim,
-            codec=self.model.manifest.get("codec", "fp32"), tasks=self.model.tasks,
-            retention_days=settings.retention_days, max_sequence_length=settings.max_sequence_length,
-            code_length=self.model.code_length, code_dtype=code_dtype,
-        )
-        self.stream = InstanceStream(self.client, prefix=settings.key_prefix, maxlen=settings.stream_maxlen)
+        self.store = instance_store(self.client, settings, RecordLayout.from_manifest(self.model.manifest))
+        self.stream = instance_stream(self.client, settings)
         self.ingestor = Ingestor(self.model, self.store, self.stream)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
         self.batcher = MicroBatcher(

@@ -15,7 +15,7 @@ import redis.exceptions
 from pydantic import ValidationError
 
 from services import metrics
-from services.source.protocol import Instance, IngestRejected, validate_against_model
+from services.source.protocol import IngestRejected, Instance, validate_against_model
 
 log = logging.getLogger(__name__)
 FIELD = b"instance"

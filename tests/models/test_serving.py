@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.nn.base import ModelConfig
+from contract.history import History
 from models.data.prepared import load_dataset
-from models.training.registry import ExperimentConfig
 from models.data.schema import load_schema
-from models.runtime.loader import HistoryInputs, SourceModel
+from models.nn.base import ModelConfig
+from models.runtime.loader import SourceModel
 from models.training.loop import TrainConfig
+from models.training.registry import ExperimentConfig
 
 HISTORY_LEN = 32   # L of the test IAT model (the SIF model's L is max(8, L // 16) = 8)
 
@@ -63,7 +64,7 @@ def user_timeline(data, user: int) -> np.ndarray:
 
 
 def store_history(data, rows: np.ndarray, embeddings: dict[int, np.ndarray],
-                  codes: dict[int, np.ndarray] | None = None) -> HistoryInputs:
+                  codes: dict[int, np.ndarray] | None = None) -> History:
     """The arrays the instance store keeps for ``rows`` (newest first)."""
     rows = np.asarray(rows, dtype=np.int64)
     emb = np.stack([embeddings[r] for r in rows]) if len(rows) else np.zeros((0, 64), np.float32)
@@ -71,7 +72,7 @@ def store_history(data, rows: np.ndarray, embeddings: dict[int, np.ndarray],
     if codes is not None:
         m = len(next(iter(codes.values())))
         code = np.stack([codes[r] for r in rows]) if len(rows) else np.zeros((0, m), np.uint8)
-    return HistoryInputs(emb.astype(np.float32), data.labels[rows].astype(np.int8), data.item_hash[rows],
+    return History(emb.astype(np.float32), data.labels[rows].astype(np.int8), data.item_hash[rows],
                          data.ts_ms[rows], code)
 
 
@@ -82,7 +83,7 @@ def source_outputs(source: SourceModel, data, rows) -> tuple[dict, dict]:
     histories = []
     for r in rows:
         timeline = user_timeline(data, data.user_index[r])
-        histories.append(HistoryInputs(np.zeros((len(timeline), 0), np.float32),
+        histories.append(History(np.zeros((len(timeline), 0), np.float32),
                                        np.zeros((len(timeline), len(data.tasks)), np.int8),
                                        data.item_hash[timeline], data.ts_ms[timeline], None))
     cat, multi, num = features(data, rows)
@@ -181,13 +182,13 @@ def test_history_changes_the_score_and_only_the_past_counts(serving_run, loaded)
     history, cat, multi, num = service_inputs(data, source, row, 5)
     t = int(data.ts_ms[row])
     with_hist = model.score(history, t, cat, multi, num)
-    empty = HistoryInputs.empty(model.embedding_dim, len(model.tasks))
+    empty = History.empty(model.embedding_dim, len(model.tasks))
     assert np.abs(model.score(empty, t, cat, multi, num) - with_hist).max() > 1e-4
     past = history.timestamps_ms < t
-    only_past = HistoryInputs(history.embeddings[past], history.labels[past], history.item_hashes[past],
+    only_past = History(history.embeddings[past], history.labels[past], history.item_hashes[past],
                               history.timestamps_ms[past], None)
     assert np.array_equal(model.score(only_past, t, cat, multi, num), with_hist)
-    capped = HistoryInputs(*(a[:model.max_history] for a in (only_past.embeddings, only_past.labels,
+    capped = History(*(a[:model.max_history] for a in (only_past.embeddings, only_past.labels,
                                                              only_past.item_hashes, only_past.timestamps_ms)), None)
     assert np.array_equal(model.score(capped, t, cat, multi, num), with_hist)
     # candidates are independent of each other: one alone scores as in a batch
@@ -197,7 +198,6 @@ def test_history_changes_the_score_and_only_the_past_counts(serving_run, loaded)
 
 def test_shared_history_equals_naive_reencoding(serving_run):
     from harness.naive import IATNaive
-    from models.runtime.modules import IATRanking
     from models.export import example_inputs
     from models.training.offline import _eager_module
     shared = _eager_module(serving_run[1], "iat")
@@ -215,10 +215,10 @@ def test_bad_inputs_name_the_field(serving_run, loaded):
     with pytest.raises(ValueError, match="cat"):
         model.score(history, 0, cat[:, :-1], multi, num)
     with pytest.raises(ValueError, match="history.embeddings"):
-        bad = HistoryInputs(history.embeddings[:, :5], history.labels, history.item_hashes, history.timestamps_ms, None)
+        bad = History(history.embeddings[:, :5], history.labels, history.item_hashes, history.timestamps_ms, None)
         model.score(bad, int(data.ts_ms[-1]) + 1, cat, multi, num)
     with pytest.raises(ValueError, match="history.codes"):
-        loaded["eager"]["sif"].score(HistoryInputs(history.embeddings, history.labels, history.item_hashes,
+        loaded["eager"]["sif"].score(History(history.embeddings, history.labels, history.item_hashes,
                                                    history.timestamps_ms, None), int(data.ts_ms[-1]) + 1, cat, multi, num)
     src = loaded["eager"]["source"]
     with pytest.raises(ValueError, match="item_hashes"):
@@ -244,6 +244,7 @@ def test_manifest_contract(serving_run):
 
 def test_sha256_checked_before_loading(serving_run, tmp_path):
     import shutil
+
     from models.runtime.loader import ArtifactError, load_ranking_model
     src = serving_run[3]["iat"]
     copy = tmp_path / "iat" / src.name
@@ -264,8 +265,8 @@ def test_sha256_checked_before_loading(serving_run, tmp_path):
 
 
 def test_export_cli_and_latest_version(serving_run, tmp_path):
-    from models.runtime.loader import latest_version
     from cli import main
+    from models.runtime.loader import latest_version
     run_dir = serving_run[1]
     assert main(["export", "--from", str(run_dir), "--out", str(tmp_path), "--no-aoti"]) == 0
     first = latest_version(tmp_path, "iat")

@@ -9,7 +9,7 @@ import redis.asyncio
 import redis.cluster
 from redis.utils import HIREDIS_AVAILABLE
 
-from storage.connection import REDIS_URL_ENV, EmbeddedRedis, connect, connect_async
+from storage.connection import EmbeddedRedis, connect, connect_async
 
 
 def test_unix_socket_url_round_trip(redis_client):
@@ -38,14 +38,17 @@ def test_embedded_server_starts_and_stops(monkeypatch, tmp_path):
     assert process.poll() is not None  # stopped by the context manager
 
 
-def test_connect_without_url_uses_env_then_embedded(monkeypatch, redis_server):
-    monkeypatch.setenv(REDIS_URL_ENV, redis_server)
-    client = connect(None)
+def test_redis_url_comes_from_settings_else_embedded(monkeypatch, redis_server):
+    from services.config import Settings
+
+    monkeypatch.setenv("REDIS_URL", redis_server)
+    client = connect(Settings().redis_url)
     client.set("from-env", b"1")
     direct = connect(redis_server)
     assert direct.get("from-env") == b"1"
     client.close()
-    monkeypatch.delenv(REDIS_URL_ENV)
+    monkeypatch.delenv("REDIS_URL")
+    assert Settings().redis_url is None
     embedded = connect(None)
     assert embedded.get("from-env") is None  # a different (embedded) server
     assert embedded.ping()

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from cli import main
-from storage import bench
+from harness import bench_store as bench
 
 
 def test_eq12_fp32(capsys):
