@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -54,43 +54,66 @@ def bce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None 
     return (loss * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def fit(model: torch.nn.Module,
-        epoch_batches: Callable[[int], Iterable[tuple[dict, torch.Tensor, torch.Tensor | None]]],
+def bce_step(model: torch.nn.Module) -> Callable[[tuple], torch.Tensor]:
+    """The usual step: an item (batch, labels [B, T], loss weight [B] or None) -> BCE of
+    ``model(batch)`` (logits shaped like the labels)."""
+    def step(item: tuple) -> torch.Tensor:
+        batch, labels, weight = item
+        return bce(model(batch), labels, weight)
+
+    return step
+
+
+def fit(modules: torch.nn.Module | Sequence[torch.nn.Module],
+        epoch_batches: Callable[[int], Iterable[Any]],
         validate: Callable[[], tuple[np.ndarray, np.ndarray]],
         cfg: TrainConfig, desc: str = "train",
-        on_epoch_start: Callable[[int], None] | None = None) -> dict:
-    """Train with Adam; after each epoch score validation (labels, probs), keep the best state
-    by first-task AUC, stop after ``patience`` epochs without improvement, restore the best.
+        on_epoch_start: Callable[[int], None] | None = None,
+        step: Callable[[Any], torch.Tensor] | None = None,
+        on_epoch_end: Callable[[dict], None] | None = None) -> dict:
+    """The one training loop with early stopping, for every trainer here.
 
-    ``epoch_batches(epoch)`` yields (batch, labels [B, T], loss weight [B] or None); the
-    model's ``forward(batch)`` returns logits of the same shape as the labels.
+    Adam over the (deduplicated) parameters of ``modules``; each epoch: ``on_epoch_start(epoch)``,
+    modules to train mode, ``step(item)`` -> loss for every item of ``epoch_batches(epoch)``
+    (default: ``bce_step`` of the single module), then ``validate()`` -> (labels, probs) scored
+    by first-task AUC. The best epoch's state of every module is kept; training stops after
+    ``patience`` epochs without improvement and the best state is restored (modules in eval
+    mode). ``on_epoch_end(record)`` sees each epoch's record (e.g. to print progress).
     """
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    modules = [modules] if isinstance(modules, torch.nn.Module) else list(modules)
+    step = step or bce_step(modules[0])
+    params = list({id(q): q for m in modules for q in m.parameters()}.values())
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_auc, best_state, best_epoch, history = -1.0, None, -1, []
     for epoch in range(cfg.epochs):
         if on_epoch_start:
             on_epoch_start(epoch)
-        model.train()
+        for m in modules:
+            m.train()
         batches = list(epoch_batches(epoch))
         total = 0.0
-        for batch, labels, weight in tqdm(batches, desc=f"{desc} ep{epoch}", leave=False,
-                                          disable=not cfg.progress, mininterval=2.0):
-            loss = bce(model(batch), labels, weight)
+        for item in tqdm(batches, desc=f"{desc} ep{epoch}", leave=False, disable=not cfg.progress, mininterval=2.0):
+            loss = step(item)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach())
         y, p = validate()
         val_auc = auc(y[:, 0], p[:, 0])
-        history.append({"epoch": epoch, "train_loss": total / max(1, len(batches)), "val_auc": val_auc})
+        record = {"epoch": epoch, "train_loss": total / max(1, len(batches)), "val_auc": val_auc}
+        history.append(record)
+        if on_epoch_end:
+            on_epoch_end(record)
         if val_auc > best_auc:
             best_auc, best_epoch = val_auc, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = [copy.deepcopy(m.state_dict()) for m in modules]
         elif epoch - best_epoch >= cfg.patience:
             break
     if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
+        for m, state in zip(modules, best_state):
+            m.load_state_dict(state)
+    for m in modules:
+        m.eval()
     return {"best_val_auc": best_auc, "best_epoch": best_epoch, "epochs": history}
 
 

@@ -12,7 +12,6 @@ store, so the ranking model reads at serving time exactly what it read in traini
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict
@@ -37,21 +36,14 @@ from models.runtime.modules import (
     sample_schema_to_json,
 )
 from models.training.downstream import train_downstream
-from models.training.loop import set_seed, shuffled_batches
-from models.training.metrics import auc
+from models.training.loop import set_seed
 from models.training.registry import ExperimentConfig
-from models.training.sif.history import gather_history
-from models.training.sif.losses import (
-    alignment_loss,
-    auxiliary_pctr_loss,
-    ranking_loss,
-    total_loss,
-)
 from models.training.sif.rows import (
     SETTINGS,
     SIFSettings,
     prepare_inputs,
     pretrain_tokenizer,
+    train_sif,
 )
 from models.training.source import insembs, train_user_order_source
 
@@ -73,76 +65,15 @@ def _settings_json(s: SIFSettings) -> dict:
     return {k: v for k, v in asdict(s).items() if k != "weights"}
 
 
-def train_sif(data: PreparedData, cfg: ExperimentConfig, seed: int, s: SIFSettings = SETTINGS,
-              progress: Callable[[str], None] = print) -> tuple[SampleTokenizer, SIFMixer, dict]:
-    """The ``sif`` row of ``models.training.sif.rows`` (mirrored here because the row returns only
-    predictions; keep the two in step) (factored mixer, joint L_rank + a L_aux + b L_commit
-    + c L_align, one shared codebook, codes refreshed per epoch, best epoch by validation AUC),
-    returning the trained tokenizer and mixer instead of only their predictions."""
+def train_sif_models(data: PreparedData, cfg: ExperimentConfig, seed: int, s: SIFSettings = SETTINGS,
+                     progress: Callable[[str], None] = print) -> tuple[SampleTokenizer, SIFMixer, dict]:
+    """The ``sif`` row's training (``models.training.sif.rows.train_sif``, the same code), keeping
+    the trained tokenizer and mixer instead of only their predictions."""
     prepared = prepare_inputs(data)
     pretrained, tok_info = pretrain_tokenizer(data, prepared, seed, s)
-    set_seed(seed)
-    tok = copy.deepcopy(pretrained)
-    tok.quantizer.reseed_enabled = False  # stored codes must keep their meaning from here on
-    mixer = SIFMixer(prepared.schema, tok.quantizer.codebooks, k=s.k, d_s=s.d_s, n_blocks=s.n_blocks,
-                     n_heads=s.n_heads, ffn_dim=s.ffn_dim, field_dim=s.field_dim, n_tasks=len(data.tasks))
-    mixer.codebooks = tok.quantizer.codebooks  # one codebook: L_rank trains it too
-    mixer.target_projection.load_state_dict(tok.encoder.state_dict())
-    length = s.history_len(cfg)
-    hist_index = torch.from_numpy(data.history_index(length))
-    ts = torch.from_numpy(data.ts_ms).to(torch.float64) / 1000.0
-    labels = torch.from_numpy(data.labels)
-    inputs = prepared.inputs
-    train, val = data.split_indices(0), data.split_indices(1)
-
-    def logits_for(rows: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
-        hist = gather_history(tab, hist_index[rows], ts, ts[rows], labels, mixer.recency_buckets)
-        memory = mixer.encode_history(hist.rows, hist.recency, hist.mask, hist.outcomes)
-        return mixer.score_rows(memory, mixer.project_target(inputs.index(rows)).unsqueeze(1)).squeeze(1)
-
-    @torch.no_grad()
-    def predict(rows: np.ndarray, tab: torch.Tensor) -> np.ndarray:
-        mixer.eval()
-        return np.concatenate([torch.sigmoid(logits_for(torch.from_numpy(rows[i:i + 2048]), tab)).numpy()
-                               for i in range(0, len(rows), 2048)])
-
-    params = list({id(p): p for p in [*tok.parameters(), *mixer.parameters()]}.values())
-    opt = torch.optim.Adam(params, lr=cfg.train.lr)
-    rng = np.random.default_rng(seed)
-    best, epochs = (-1.0, None, -1), []
-    n_val = getattr(s, "val_rows_per_epoch", len(val))
-    val_sample = np.sort(rng.choice(val, min(len(val), n_val), replace=False))
-    for epoch in range(min(cfg.train.epochs, getattr(s, "max_epochs", cfg.train.epochs))):
-        tab = tok.quantize(inputs, exact=False)
-        tok.train()
-        mixer.train()
-        cap = s.rows_per_epoch(cfg) if callable(s.rows_per_epoch) else s.rows_per_epoch
-        sample = rng.choice(train, cap, replace=False) if len(train) > cap else train
-        for rows_np in shuffled_batches(sample, cfg.train.batch_size, rng):
-            rows = torch.from_numpy(rows_np)
-            target = inputs.index(rows)
-            tout = tok(target)
-            rank = ranking_loss(logits_for(rows, tab), labels[rows])
-            align = alignment_loss(mixer.project_target(target), tout.quantized)
-            loss = total_loss(rank, aux=auxiliary_pctr_loss(tout.aux_logits, labels[rows]),
-                              commit=tout.commit_loss, align=align, weights=s.weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        tok.eval()
-        val_auc = auc(data.labels[val_sample, 0], predict(val_sample, tok.quantize(inputs, exact=False))[:, 0])
-        epochs.append({"epoch": epoch, "val_auc": val_auc})
-        progress(f"sif epoch {epoch}: val AUC {val_auc:.4f}")
-        if val_auc > best[0]:
-            best = (val_auc, (copy.deepcopy(tok.state_dict()), copy.deepcopy(mixer.state_dict())), epoch)
-        elif epoch - best[2] >= cfg.train.patience:
-            break
-    tok.load_state_dict(best[1][0])
-    mixer.load_state_dict(best[1][1])
-    tok.eval()
-    mixer.eval()
-    return tok, mixer, {"tokenizer_pretrain": tok_info, "best_val_auc": best[0], "best_epoch": best[2],
-                        "epochs": epochs, "history_len": length}
+    trained = train_sif(data, prepared, pretrained, seed, cfg, s,
+                        on_epoch_end=lambda r: progress(f"sif epoch {r['epoch']}: val AUC {r['val_auc']:.4f}"))
+    return trained.tokenizer, trained.mixer, {"tokenizer_pretrain": tok_info, **trained.info}
 
 
 def serving_configs(data: PreparedData, cfg: ExperimentConfig, tok: SampleTokenizer,
@@ -178,7 +109,7 @@ def train_serving_set(data: PreparedData, cfg: ExperimentConfig, out_dir: str | 
     set_seed(seed)
     iat, iat_info = train_downstream(data, e_all, cfg.model, cfg.train, seed, desc="iat downstream")
     progress(f"iat: best val AUC {iat_info['best_val_auc']:.4f} ({time.perf_counter() - t0:.0f}s)")
-    tok, mixer, sif_info = train_sif(data, cfg, seed, progress=progress)
+    tok, mixer, sif_info = train_sif_models(data, cfg, seed, progress=progress)
     progress(f"sif: best val AUC {sif_info['best_val_auc']:.4f} ({time.perf_counter() - t0:.0f}s)")
 
     from models.runtime.modules import VocabCompactor

@@ -10,7 +10,7 @@ from models.runtime.hashing import hash_bucket, hash_buckets, ins_id, stable_has
 
 def test_stable_hash_is_process_independent():
     """Python's hash() is salted per process; ours must not be."""
-    code = ("from models.hashing import stable_hash64, hash_bucket, ins_id;"
+    code = ("from models.runtime.hashing import stable_hash64, hash_bucket, ins_id;"
             "print(stable_hash64('a', 1, 2.0), hash_bucket('user_id', '196', 65536),"
             " ins_id('196:881250949', '242', 881250949000))")
     outs = set()

@@ -283,7 +283,7 @@ def test_torchscript_deprecation_warnings_are_filtered(serving_run):
     import subprocess
     import sys
     code = ("import warnings; warnings.simplefilter('default');"
-            "from models.serving import load_ranking_model;"
+            "from models.runtime.loader import load_ranking_model;"
             f"load_ranking_model({str(serving_run[3]['iat'])!r}, 'torchscript', 'cpu')")
     out = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2], timeout=120)

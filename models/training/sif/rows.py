@@ -17,7 +17,8 @@ Rows:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from models.nn.sif.spec import (
     SampleSchema,
 )
 from models.nn.sif.tokenizer import SampleTokenizer
-from models.training.loop import set_seed, shuffled_batches
+from models.training.loop import fit, set_seed, shuffled_batches
 from models.training.metrics import auc
 from models.training.registry import ExperimentConfig, RowResult, register_row
 from models.training.sif.compression import (
@@ -153,84 +154,101 @@ def pretrain_tokenizer(data: PreparedData, prepared: SIFInputs, seed: int, s: SI
 
 # ---------------------------------------------------------------- one row
 
+@dataclass
+class TrainedSIF:
+    tokenizer: SampleTokenizer
+    mixer: SIFMixer
+    predict: Callable[[np.ndarray, torch.Tensor], np.ndarray]  # (rows, history table) -> probs [n, T]
+    table: Callable[[bool], torch.Tensor]                      # exact -> every instance's history row
+    columns: list[int] | None
+    info: dict
+
+
+def train_sif(data: PreparedData, prepared: SIFInputs, pretrained: SampleTokenizer, seed: int,
+              cfg: ExperimentConfig, s: SIFSettings = SETTINGS, history_mode: str = "factored",
+              item_id_only: bool = False, dense: bool = False,
+              on_epoch_end: Callable[[dict], None] | None = None) -> TrainedSIF:
+    """Stage 2, shared by the SIF rows and the serving set (``iat train``): a copy of the
+    pre-trained tokenizer trained jointly with the mixer on L_rank + a L_aux + b L_commit +
+    c L_align, one shared codebook, history codes refreshed per epoch, the best epoch by
+    validation AUC (``models.training.loop.fit``)."""
+    set_seed(seed)
+    tok = copy.deepcopy(pretrained)
+    tok.quantizer.reseed_enabled = False  # stored codes must keep their meaning from here on
+    columns = tok.subtoken_index("item_id") if item_id_only else None
+    mixer = SIFMixer(prepared.schema, None if dense else tok.quantizer.codebooks, k=s.k, d_s=s.d_s,
+                     n_blocks=s.n_blocks, n_heads=s.n_heads, ffn_dim=s.ffn_dim, field_dim=s.field_dim,
+                     n_tasks=len(data.tasks), history_mode=history_mode, history_columns=columns)
+    if not dense:
+        mixer.codebooks = tok.quantizer.codebooks  # one codebook: L_rank trains it too
+    mixer.target_projection.load_state_dict(tok.encoder.state_dict())  # P(x) starts at z ~ q
+    length = s.history_len(cfg)
+    hist_index = torch.from_numpy(data.history_index(length))
+    ts = torch.from_numpy(data.ts_ms).to(torch.float64) / 1000.0
+    labels = torch.from_numpy(data.labels)
+    inputs = prepared.inputs
+    train, val = data.split_indices(0), data.split_indices(1)
+
+    def table(exact: bool) -> torch.Tensor:
+        return tok.encode(inputs) if dense else tok.quantize(inputs, exact=exact)
+
+    def logits_for(rows: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        hist = gather_history(tab, hist_index[rows], ts, ts[rows], labels, mixer.recency_buckets)
+        if dense:
+            memory = mixer.encode_history_rows(hist.rows, hist.recency, hist.mask, hist.outcomes)
+        else:
+            memory = mixer.encode_history(hist.rows, hist.recency, hist.mask, hist.outcomes)
+        return mixer.score_rows(memory, mixer.project_target(inputs.index(rows)).unsqueeze(1)).squeeze(1)
+
+    @torch.no_grad()
+    def predict(rows: np.ndarray, tab: torch.Tensor) -> np.ndarray:
+        mixer.eval()
+        out = [torch.sigmoid(logits_for(torch.from_numpy(rows[i:i + 2048]), tab)).numpy()
+               for i in range(0, len(rows), 2048)]
+        return np.concatenate(out).astype(np.float32)
+
+    rng = np.random.default_rng(seed)
+    val_sample = np.sort(rng.choice(val, min(len(val), s.val_rows_per_epoch), replace=False))
+    current: dict[str, torch.Tensor] = {}
+
+    def on_epoch_start(epoch: int) -> None:
+        current["table"] = table(exact=False)  # before train mode: what the store would hold now
+
+    def epoch_batches(epoch: int):
+        sample = rng.choice(train, s.rows_per_epoch, replace=False) if len(train) > s.rows_per_epoch else train
+        return shuffled_batches(sample, cfg.train.batch_size, rng)
+
+    def step(rows_np: np.ndarray) -> torch.Tensor:
+        rows = torch.from_numpy(rows_np)
+        target = inputs.index(rows)
+        tout = tok(target)
+        rank = ranking_loss(logits_for(rows, current["table"]), labels[rows])
+        align = alignment_loss(mixer.project_target(target), tout.z if dense else tout.quantized)
+        return total_loss(rank, aux=auxiliary_pctr_loss(tout.aux_logits, labels[rows]),
+                          commit=tout.commit_loss, align=align, weights=s.weights)
+
+    def validate() -> tuple[np.ndarray, np.ndarray]:
+        tok.eval()
+        return data.labels[val_sample], predict(val_sample, table(exact=False))
+
+    tcfg = replace(cfg.train, epochs=min(cfg.train.epochs, s.max_epochs))
+    info = fit([tok, mixer], epoch_batches, validate, tcfg, desc="sif", on_epoch_start=on_epoch_start,
+               step=step, on_epoch_end=on_epoch_end)
+    info["history_len"] = length
+    info["train_rows_per_epoch"] = min(len(train), s.rows_per_epoch)
+    return TrainedSIF(tok, mixer, predict, table, columns, info)
+
+
 def _row(history_mode: str = "factored", item_id_only: bool = False, dense: bool = False):
     def row(data: PreparedData, seed: int, cfg: ExperimentConfig) -> RowResult:
         s = SETTINGS
         prepared = cfg.shared(("sif_inputs", id(data)), lambda: prepare_inputs(data))
         pretrained, tok_info = cfg.shared(("sif_tokenizer", id(data), seed),
                                           lambda: pretrain_tokenizer(data, prepared, seed, s))
-        set_seed(seed)
-        tok = copy.deepcopy(pretrained)
-        tok.quantizer.reseed_enabled = False  # stored codes must keep their meaning from here on
-        columns = tok.subtoken_index("item_id") if item_id_only else None
-        mixer = SIFMixer(prepared.schema, None if dense else tok.quantizer.codebooks, k=s.k, d_s=s.d_s,
-                         n_blocks=s.n_blocks, n_heads=s.n_heads, ffn_dim=s.ffn_dim, field_dim=s.field_dim,
-                         n_tasks=len(data.tasks), history_mode=history_mode, history_columns=columns)
-        if not dense:
-            mixer.codebooks = tok.quantizer.codebooks  # one codebook: L_rank trains it too
-        mixer.target_projection.load_state_dict(tok.encoder.state_dict())  # P(x) starts at z ~ q
-        length = s.history_len(cfg)
-        hist_index = torch.from_numpy(data.history_index(length))
-        ts = torch.from_numpy(data.ts_ms).to(torch.float64) / 1000.0
-        labels = torch.from_numpy(data.labels)
-        inputs = prepared.inputs
-        train, val, test = (data.split_indices(i) for i in (0, 1, 2))
-
-        def table(exact: bool) -> torch.Tensor:
-            return tok.encode(inputs) if dense else tok.quantize(inputs, exact=exact)
-
-        def logits_for(rows: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
-            hist = gather_history(tab, hist_index[rows], ts, ts[rows], labels, mixer.recency_buckets)
-            if dense:
-                memory = mixer.encode_history_rows(hist.rows, hist.recency, hist.mask, hist.outcomes)
-            else:
-                memory = mixer.encode_history(hist.rows, hist.recency, hist.mask, hist.outcomes)
-            return mixer.score_rows(memory, mixer.project_target(inputs.index(rows)).unsqueeze(1)).squeeze(1)
-
-        @torch.no_grad()
-        def predict(rows: np.ndarray, tab: torch.Tensor) -> np.ndarray:
-            mixer.eval()
-            out = [torch.sigmoid(logits_for(torch.from_numpy(rows[i:i + 2048]), tab)).numpy()
-                   for i in range(0, len(rows), 2048)]
-            return np.concatenate(out).astype(np.float32)
-
-        params = list({id(p): p for p in [*tok.parameters(), *mixer.parameters()]}.values())
-        opt = torch.optim.Adam(params, lr=cfg.train.lr)
-        rng = np.random.default_rng(seed)
-        best = (-1.0, None, -1)
-        epochs = []
-        val_sample = np.sort(rng.choice(val, min(len(val), s.val_rows_per_epoch), replace=False))
-        for epoch in range(min(cfg.train.epochs, s.max_epochs)):
-            tab = table(exact=False)
-            tok.train()
-            mixer.train()
-            total, steps = 0.0, 0
-            cap = s.rows_per_epoch
-            sample = rng.choice(train, cap, replace=False) if len(train) > cap else train
-            for rows_np in shuffled_batches(sample, cfg.train.batch_size, rng):
-                rows = torch.from_numpy(rows_np)
-                target = inputs.index(rows)
-                tout = tok(target)
-                rank = ranking_loss(logits_for(rows, tab), labels[rows])
-                align = alignment_loss(mixer.project_target(target), tout.z if dense else tout.quantized)
-                loss = total_loss(rank, aux=auxiliary_pctr_loss(tout.aux_logits, labels[rows]),
-                                  commit=tout.commit_loss, align=align, weights=s.weights)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(rank.detach())
-                steps += 1
-            tok.eval()
-            val_auc = auc(data.labels[val_sample, 0], predict(val_sample, table(exact=False))[:, 0])
-            epochs.append({"epoch": epoch, "train_rank_loss": total / max(1, steps), "val_auc": val_auc})
-            if val_auc > best[0]:
-                best = (val_auc, (copy.deepcopy(tok.state_dict()), copy.deepcopy(mixer.state_dict())), epoch)
-            elif epoch - best[2] >= cfg.train.patience:
-                break
-        tok.load_state_dict(best[1][0])
-        mixer.load_state_dict(best[1][1])
-        tok.eval()
-        final = table(exact=True)  # what the source side would store
+        trained = train_sif(data, prepared, pretrained, seed, cfg, s, history_mode, item_id_only, dense)
+        tok, columns = trained.tokenizer, trained.columns
+        val, test = data.split_indices(1), data.split_indices(2)
+        final = trained.table(True)  # what the source side would store
         if dense:
             token_bytes = dense_sample_bytes(tok.n_subtokens, s.d_s)
         else:
@@ -241,15 +259,15 @@ def _row(history_mode: str = "factored", item_id_only: bool = False, dense: bool
             "token_bytes": token_bytes,
             "n_subtokens": tok.n_subtokens,
             "layout": [f"{t.group}[{t.slot}]: {', '.join(t.fields)}" for t in tok.layout],
-            "history_len": length,
-            "train_rows_per_epoch": min(len(train), s.rows_per_epoch),
+            "history_len": trained.info["history_len"],
+            "train_rows_per_epoch": trained.info["train_rows_per_epoch"],
             "tokenizer_pretrain": tok_info,
-            "train": {"best_val_auc": best[0], "best_epoch": best[2], "epochs": epochs},
+            "train": {k: trained.info[k] for k in ("best_val_auc", "best_epoch", "epochs")},
         }
         if not dense:
-            test_inputs = inputs.index(torch.from_numpy(test))
+            test_inputs = prepared.inputs.index(torch.from_numpy(test))
             extra["codebook_health"] = codebook_health(tok.quantizer, tok.encode(test_inputs), final[test])
-        return RowResult(predict(val, final), predict(test, final), extra)
+        return RowResult(trained.predict(val, final), trained.predict(test, final), extra)
 
     return row
 
