@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
+
+from services.config import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve_data_dir(schema, data_dir: Path | None) -> Path:
-    base = data_dir or Path(os.environ.get("IAT_DATA_DIR", "../shared/data"))
+    base = data_dir or Settings().data_dir
     for candidate in (base, base / schema.name):
         if (candidate / schema.log.path).is_file():
             return candidate

@@ -52,9 +52,9 @@ def build_bench_model(work: Path, aoti: bool, progress=print) -> Path:
     from models.export import (
         AOTI_NAME,
         TORCHSCRIPT_NAME,
-        _manifest,
         export_aoti,
         export_torchscript,
+        manifest_for,
     )
     from models.nn.base import FeatureShape, ModelConfig
     from models.runtime.featurizer import FeatureSpec
@@ -77,7 +77,7 @@ def build_bench_model(work: Path, aoti: bool, progress=print) -> Path:
         export_aoti(module, version / AOTI_NAME, mc.history_len)
         progress(f"AOTInductor compile: {time.perf_counter() - t0:.1f}s")
     run = {"feature_spec": FeatureSpec.from_prepared(data).to_json(), "dataset": "synthetic"}
-    write_manifest(version, _manifest("iat", version.name, "2000-01-01T00:00:00", config, run,
+    write_manifest(version, manifest_for("iat", version.name, "2000-01-01T00:00:00", config, run,
                                       "bench", "cpu" if aoti else None))
     return version
 

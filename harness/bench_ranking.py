@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.processes import ServiceProcess, free_port
+from services.config import Settings
 
 CANDIDATES = (100, 500, 1000)
 HISTORIES = (0, 64, 256)
@@ -59,7 +60,7 @@ def build_bench_models(quick_dir: Path, out_dir: Path, history_len: int | None =
     import torch
 
     from contract.artifacts import CONFIG_FILE, WEIGHTS_FILE, write_manifest
-    from models.export import TORCHSCRIPT_NAME, _manifest, export_torchscript
+    from models.export import TORCHSCRIPT_NAME, export_torchscript, manifest_for
     from models.nn.base import ModelConfig
     from models.runtime.loader import latest_version
     from models.runtime.modules import IATRanking
@@ -89,7 +90,7 @@ def build_bench_models(quick_dir: Path, out_dir: Path, history_len: int | None =
     (version / CONFIG_FILE).write_text(json.dumps(config))
     export_torchscript(module, version / TORCHSCRIPT_NAME)
     run = {"feature_spec": manifest["schema"], "dataset": "movielens-100k (random weights, default ModelConfig)"}
-    write_manifest(version, _manifest("iat", version.name, "2000-01-01T00:00:00", config, run,
+    write_manifest(version, manifest_for("iat", version.name, "2000-01-01T00:00:00", config, run,
                                       manifest["source_version"], None))
     stamp.write_text(json.dumps(key))
     return out_dir
@@ -301,7 +302,6 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
     import httpx
     from iat.ranking.v1 import ranking_pb2_grpc
 
-    from services.config import Settings
     from services.ranking.main import build_serving
     from services.ranking.protocol import ScoreRequestModel, query_from_model
 
@@ -516,12 +516,11 @@ def markdown(result: dict) -> str:
 
 
 def default_quick_models() -> Path:
-    env = os.environ.get("IAT_TEST_MODEL_DIR")
-    return Path(env) if env else Path("loadtests/out/models-quick")
+    return Settings().test_model_dir or Path("loadtests/out/models-quick")
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("IAT_DATA_DIR", "../shared/data")) / "movielens-100k"
+    return Settings().movielens_dir
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,7 +11,6 @@ model against a popularity ranking (training-period counts) of the same candidat
 """
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.processes import IAT, ServiceProcess
+from services.config import Settings
 
 N_CANDIDATES = 100
 TOP_K = 10
@@ -116,12 +116,12 @@ def graded_metrics(scores: np.ndarray, relevance: np.ndarray, k: int = TOP_K) ->
 
 def item_titles(schema, data_dir: Path) -> dict[str, str]:
     """Item id -> a readable title, when a side table of items has a title column."""
-    from models.data.prepared import _read_table
+    from models.data.prepared import read_table
 
     for table in schema.tables:
         if table.key != schema.log.item:
             continue
-        header, rows = _read_table(data_dir / table.path, table.sep, table.path)
+        header, rows = read_table(data_dir / table.path, table.sep, table.path)
         title = next((c for c in header if "title" in c or c == "name"), None)
         if title:
             key, col = header.index(table.key), header.index(title)
@@ -148,7 +148,7 @@ def run_demo(data_dir: Path | None, out_dir: Path, max_users: int, quick: bool, 
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "logs").mkdir(exist_ok=True)
-    ml_dir = (data_dir or Path(os.environ.get("IAT_DATA_DIR", "../shared/data"))) / "movielens-100k"
+    ml_dir = (data_dir or Settings().data_dir) / "movielens-100k"
     if not synthetic and (ml_dir / "ml-100k.inter").exists():
         schema, data_dir = load_schema("movielens-100k"), ml_dir
     else:

@@ -19,7 +19,6 @@ Environment:
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 from pathlib import Path
@@ -39,18 +38,14 @@ from locust import HttpUser, User, between, task
 from locust.clients import HttpSession
 
 from harness.bench_ranking import MovieLensWorkload, to_proto
+from services.config import Settings
 
 POOL_SIZE = 64  # prebuilt requests per protocol: the client must not eat the cores it measures
 _lock = threading.Lock()
 _workload = None
 
 
-def _env_pair(name: str, default: tuple[int, int]) -> tuple[int, int]:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    lo, hi = (int(v) for v in raw.split(","))
-    return lo, hi
+SETTINGS = Settings()  # IAT_* from the environment loadtests.run (or compose) gives Locust
 
 
 class FallbackWorkload:
@@ -72,7 +67,7 @@ class FallbackWorkload:
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("IAT_DATA_DIR", "../shared/data")) / "movielens-100k"
+    return SETTINGS.movielens_dir
 
 
 def restrict_users(workload: MovieLensWorkload, max_users: int | None) -> MovieLensWorkload:
@@ -90,7 +85,7 @@ def workload():
     with _lock:
         if _workload is None:
             if (data_dir() / "ml-100k.inter").is_file():
-                max_users = int(os.environ.get("IAT_LOADTEST_MAX_USERS", "0")) or None
+                max_users = SETTINGS.loadtest_max_users or None
                 _workload = restrict_users(MovieLensWorkload(data_dir()), max_users)
             else:
                 _workload = FallbackWorkload()
@@ -98,28 +93,28 @@ def workload():
 
 
 def request_pool(seed: int, size: int = POOL_SIZE) -> list[dict]:
-    lo, hi = _env_pair("IAT_LOADTEST_CANDIDATES", (100, 500))
+    lo, hi = (int(v) for v in SETTINGS.loadtest_candidates.split(","))
     rng = np.random.default_rng(seed)
     w = workload()
     return [w.live_request(rng, int(rng.integers(lo, hi + 1)), request_id=f"lt-{seed}-{k}") for k in range(size)]
 
 
 def grpc_target(host: str | None) -> str:
-    if os.environ.get("IAT_GRPC_TARGET"):
-        return os.environ["IAT_GRPC_TARGET"]
+    if SETTINGS.grpc_target:
+        return SETTINGS.grpc_target
     name = urlparse(host or "http://127.0.0.1:8000").hostname or "127.0.0.1"
     return f"{name}:50051"
 
 
 def source_url(host: str | None) -> str:
-    if os.environ.get("IAT_SOURCE_URL"):
-        return os.environ["IAT_SOURCE_URL"].rstrip("/")
+    if SETTINGS.source_url:
+        return SETTINGS.source_url.rstrip("/")
     parsed = urlparse(host or "http://127.0.0.1:8000")
     return f"{parsed.scheme or 'http'}://{parsed.hostname or '127.0.0.1'}:8001"
 
 
 def auth_headers() -> dict[str, str]:
-    token = os.environ.get("IAT_API_TOKEN")
+    token = SETTINGS.token
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -187,7 +182,7 @@ class IngestUser(User):
 
     def __init__(self, environment):
         super().__init__(environment)
-        self.batch = int(os.environ.get("IAT_LOADTEST_INGEST_BATCH", "16"))
+        self.batch = SETTINGS.loadtest_ingest_batch
         self.client = HttpSession(base_url=source_url(self.host or environment.host),
                                   request_event=environment.events.request, user=self)
         self.client.trust_env = False

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import threading
 import time
@@ -29,6 +28,7 @@ from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from harness.processes import ServiceProcess, ensure_quick_models, free_port
 from models.data.raw import raw_instances
 from models.data.schema import load_schema
+from services.config import Settings
 from storage.connection import EmbeddedRedis, connect
 from storage.stream import InstanceStream
 
@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-rate", type=float, default=40.0, help="Score requests/s, all threads")
     parser.add_argument("--score-threads", type=int, default=4)
     parser.add_argument("--candidates", type=int, default=100)
-    parser.add_argument("--model-dir", type=Path, default=Path(os.environ.get("IAT_MODEL_DIR", "artifacts/models")))
+    parser.add_argument("--model-dir", type=Path, default=Settings().model_dir)
     parser.add_argument("--data-dir", type=Path,
-                        default=Path(os.environ.get("IAT_DATA_DIR", "../shared/data")) / "movielens-100k")
+                        default=Settings().movielens_dir)
     parser.add_argument("--max-rss-growth-mb", type=float, default=100.0)
     parser.add_argument("--max-lag", type=int, default=5000, help="stream entries not yet sequenced")
     parser.add_argument("--out", type=Path, default=Path("artifacts/soak.json"))

@@ -104,7 +104,7 @@ def export_aoti(module: nn.Module, path: Path, max_history: int) -> Path:
 
 # ---------------------------------------------------------------- a run dir -> versioned artifacts
 
-def _manifest(name: str, version: str, created: str, config: dict, run: dict, source_version: str,
+def manifest_for(name: str, version: str, created: str, config: dict, run: dict, source_version: str,
               aoti_device: str | None) -> dict:
     mc = config.get("model_config", {})
     manifest = {
@@ -186,7 +186,7 @@ def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
             t0 = time.perf_counter()
             export_aoti(module, staging / AOTI_NAME, int(config["history_length"]))
             progress(f"{name}: AOTInductor package in {time.perf_counter() - t0:.1f}s")
-        write_manifest(staging, _manifest(name, version, created, config, run, source_version,
+        write_manifest(staging, manifest_for(name, version, created, config, run, source_version,
                                           device if aoti else None))
         if final.exists():
             shutil.rmtree(final)

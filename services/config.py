@@ -63,6 +63,18 @@ class Settings(BaseSettings):
     source_http_port: int = 8001
     sequencer_http_port: int = 8002
 
+    # Harness: load tests, benchmarks and the test suite (never read by a service).
+    test_model_dir: Path | None = Field(default=None, description="a quick export to reuse instead of training one")
+    grpc_target: str | None = Field(default=None, description="Locust: the ranking service's gRPC host:port")
+    source_url: str | None = Field(default=None, description="Locust: the source service's base URL")
+    loadtest_max_users: int = Field(default=0, ge=0, description="Locust: only the first N users (0: all)")
+    loadtest_candidates: str = Field(default="100,500", pattern=r"^\d+,\d+$", description="Locust: candidates per Score, lo,hi")
+    loadtest_ingest_batch: int = Field(default=16, gt=0)
+
+    @property
+    def movielens_dir(self) -> Path:
+        return self.data_dir / "movielens-100k"
+
     @property
     def token(self) -> str | None:
         """The bearer token in clear, or None when access is open (an empty value is no token)."""

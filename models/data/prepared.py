@@ -134,7 +134,7 @@ def build_history_index(user_index: np.ndarray, ts_ms: np.ndarray, length: int,
     return hist
 
 
-def _read_table(path: Path, sep: str, what: str) -> tuple[list[str], list[list[str]]]:
+def read_table(path: Path, sep: str, what: str) -> tuple[list[str], list[list[str]]]:
     if not path.is_file():
         raise FileNotFoundError(f"{what}: file not found: {path}")
     with path.open(newline="", encoding="utf-8", errors="replace") as fh:
@@ -188,7 +188,7 @@ def load_dataset(schema: DatasetSchema, data_dir: str | Path, *,
     """Read the schema's files under ``data_dir`` and encode them into a ``PreparedData``."""
     data_dir = Path(data_dir)
     log = schema.log
-    header, rows = _read_table(data_dir / log.path, log.sep, "log")
+    header, rows = read_table(data_dir / log.path, log.sep, "log")
     if not rows:
         raise SchemaError(f"log: {data_dir / log.path} has no rows")
     users = _column(header, rows, log.user, "log.user")
@@ -218,7 +218,7 @@ def load_dataset(schema: DatasetSchema, data_dir: str | Path, *,
 
     for t_i, table in enumerate(schema.tables):
         what = f"tables[{t_i}] ({table.path})"
-        t_header, t_rows = _read_table(data_dir / table.path, table.sep, what)
+        t_header, t_rows = read_table(data_dir / table.path, table.sep, what)
         keys = _column(t_header, t_rows, table.key, f"{what}.key")
         if table.key not in header:
             raise SchemaError(f"{what}.key: column '{table.key}' is not in the log (columns: {header})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.data.prepared import _read_table
+from models.data.prepared import read_table
 from models.data.schema import DatasetSchema
 from models.runtime.hashing import ins_id
 
@@ -18,11 +18,11 @@ from models.runtime.hashing import ins_id
 def raw_instances(schema: DatasetSchema, data_dir: Path) -> list[dict]:
     """Every log row as a POST /v1/instances instance, in the loader's order (time, then InsID)."""
     log = schema.log
-    header, rows = _read_table(data_dir / log.path, log.sep, "log")
+    header, rows = read_table(data_dir / log.path, log.sep, "log")
     col = {name: i for i, name in enumerate(header)}
     joins = []  # (table spec, {key: row dict})
     for table in schema.tables:
-        t_header, t_rows = _read_table(data_dir / table.path, table.sep, table.path)
+        t_header, t_rows = read_table(data_dir / table.path, table.sep, table.path)
         joins.append((table, {r[t_header.index(table.key)]: dict(zip(t_header, r)) for r in t_rows}))
     ms = 1000 if log.timestamp_unit == "s" else 1
     out = []
