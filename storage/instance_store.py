@@ -32,7 +32,6 @@ import redis.exceptions
 from contract.history import History  # noqa: E402  (re-exported: the store returns it)
 from storage.codecs import Codec
 from storage.records import (
-    DecodedRecords,
     InstanceRecord,
     InvalidRecord,
     RecordFormat,
@@ -119,12 +118,8 @@ class _StoreBase:
     # ---- decoding --------------------------------------------------------------------------
 
     def _history(self, found: int, missing: int, blob: bytes, expected_version: str | None) -> History:
-        decoded = self.layout.decode(blob, int(found)) if found else self._empty()
-        history = History(
-            ins_ids=decoded.ins_ids, timestamps_ms=decoded.timestamps_ms, embeddings=decoded.embeddings,
-            codes=decoded.codes, labels=decoded.labels, item_hashes=decoded.item_hashes,
-            source_versions=decoded.source_versions, missing=int(missing), incompatible=decoded.incompatible,
-        )
+        history = self.layout.decode(blob, int(found)) if found else self._empty()
+        history.missing = int(missing)
         expected_id = source_version_id(expected_version) if expected_version is not None else self._expected_version_id
         if expected_id is not None and len(history):
             keep = history.source_versions == np.uint64(expected_id)
@@ -132,9 +127,9 @@ class _StoreBase:
                 history = history.select(keep, version_mismatch=int((~keep).sum()))
         return history
 
-    def _empty(self) -> DecodedRecords:
+    def _empty(self) -> History:
         layout = self.layout
-        return DecodedRecords(
+        return History(
             ins_ids=np.zeros(0, np.uint64), timestamps_ms=np.zeros(0, np.int64),
             embeddings=np.zeros((0, layout.dim), np.float32),
             codes=np.zeros((0, layout.code_length), layout.code_dtype) if layout.code_length else None,

@@ -31,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
+from contract.history import History
 from storage.codecs import Codec, CodecError
 
 FORMAT_VERSION = 1
@@ -247,7 +248,7 @@ class RecordFormat:
 
     # ---- reading ---------------------------------------------------------------------------
 
-    def decode(self, blob: bytes, count: int) -> "DecodedRecords":
+    def decode(self, blob: bytes, count: int) -> History:
         """Columns of ``count`` records joined in ``blob`` (in order)."""
         size = self.record_bytes
         if count and len(blob) == count * size:
@@ -277,7 +278,7 @@ class RecordFormat:
             and (rows["code_len"] == self.code_length).all()
         )
 
-    def _columns(self, rows: np.ndarray, embeddings: np.ndarray | None, incompatible: int = 0) -> "DecodedRecords":
+    def _columns(self, rows: np.ndarray, embeddings: np.ndarray | None, incompatible: int = 0) -> History:
         n = len(rows)
         n_tasks = len(self.tasks)
         if n_tasks:
@@ -290,7 +291,7 @@ class RecordFormat:
         if embeddings is None:
             embeddings = np.zeros((n, self.dim), dtype=np.float32)
         codes = np.array(rows["codes"], dtype=self.code_dtype) if self.code_length else None
-        return DecodedRecords(
+        return History(
             ins_ids=np.array(rows["ins_id"], dtype=np.uint64),
             timestamps_ms=np.array(rows["timestamp_ms"], dtype=np.int64),
             embeddings=embeddings,
@@ -301,7 +302,7 @@ class RecordFormat:
             incompatible=incompatible,
         )
 
-    def _decode_mixed(self, blob: bytes, count: int) -> "DecodedRecords":
+    def _decode_mixed(self, blob: bytes, count: int) -> History:
         """Slow path: walk records one by one (a layout change is under way)."""
         mine = np.zeros(count, dtype=self.record_dtype)
         vectors = np.zeros((count, self.dim), dtype=np.float32)
@@ -344,15 +345,3 @@ class RecordFormat:
                 incompatible += 1
             offset = end
         return self._columns(mine[:kept], vectors[:kept] if self.dim else None, incompatible)
-
-
-@dataclass
-class DecodedRecords:
-    ins_ids: np.ndarray  # uint64 [n]
-    timestamps_ms: np.ndarray  # int64 [n]
-    embeddings: np.ndarray  # float32 [n, d]
-    codes: np.ndarray | None  # [n, m]
-    labels: np.ndarray  # int8 [n, n_tasks]: 0/1, -1 unknown
-    item_hashes: np.ndarray  # int64 [n]
-    source_versions: np.ndarray  # uint64 [n]
-    incompatible: int = 0
