@@ -42,10 +42,10 @@ def offline_scores(run_dir_or_model_dir: str | Path, data, rows, name: str = "ia
     """float32 [len(rows), T]: the trained eager model's predictions for dataset ``rows``, with
     histories from ``data.history_index`` and InsEmbs / codes from the trained source model -
     the training code path (``iat_batch`` / ``gather_history``), not the serving modules."""
-    from models.training.loop.downstream import iat_batch
-    from models.training.loop.sif.history import gather_history
-    from models.training.loop.sif.rows import prepare_inputs
-    from models.training.loop.source import insembs
+    from models.training.downstream import iat_batch
+    from models.training.sif.history import gather_history
+    from models.training.sif.rows import prepare_inputs
+    from models.training.source import insembs
 
     root = Path(run_dir_or_model_dir)
     rows = np.asarray(rows, dtype=np.int64)

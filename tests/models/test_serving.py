@@ -230,7 +230,7 @@ def test_manifest_contract(serving_run):
     data, run_dir, model_dir, versions = serving_run
     manifests = {n: read_manifest(p) for n, p in versions.items()}
     for name, m in manifests.items():
-        assert set(REQUIRED_KEYS) <= set(m) and m["name"] == name and m["version"] == versions[name].name
+        assert set(REQUIRED_KEYS) <= set(m.to_json()) and m["name"] == name and m["version"] == versions[name].name
         assert m["files"] == {f: sha256_file(versions[name] / f) for f in m["files"]}
         assert {"model.pt", "weights.pt", "config.json"} <= set(m["files"])
         assert m["schema"]["cat_fields"] == data.cat_fields and m["tasks"] == data.tasks
