@@ -1,6 +1,6 @@
 """`iat bench score`: Score latency in process, over gRPC and over REST, next to its floor.
 
-    iat bench score --json score.json          # same as: python -m services.ranking.bench ...
+    iat bench score --json score.json          # same as: python -m harness.bench_ranking ...
 
 For each (candidates C, history n) cell the following are timed round-robin in one run, so that a
 noisy neighbour hits all of them alike:
@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.processes import ServiceProcess, free_port
+from harness.reporting import command_line, emit
 from services.config import Settings
 
 CANDIDATES = (100, 500, 1000)
@@ -558,22 +559,16 @@ def run(args: argparse.Namespace) -> int:
             embedded.stop()
     result["ratios"] = ratios(result["rows"], result["throughput"])
     result.update({
-        "command": "iat bench score " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "score"]
-        else "python -m services.ranking.bench " + " ".join(sys.argv[1:]),
+        "command": command_line("score", "harness.bench_ranking"),
         "torch": torch.__version__, "threads": args.threads, "cpus": os.cpu_count(),
         "python": platform.python_version(), "machine": platform.machine(),
         "redis": "embedded (unix socket)" if embedded is not None else "REDIS URL given",
         "model_dir": str(model_dir), "concurrency": args.concurrency,
     })
-    print(markdown(result))
-    if args.json_path:
-        args.json_path.parent.mkdir(parents=True, exist_ok=True)
-        args.json_path.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json_path}")
-    return 0
+    return emit(result, args.json_path, markdown)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    _parser = argparse.ArgumentParser(prog="python -m services.ranking.bench", description=__doc__.splitlines()[0])
+    _parser = argparse.ArgumentParser(prog="python -m harness.bench_ranking", description=__doc__.splitlines()[0])
     add_arguments(_parser)
     sys.exit(run(_parser.parse_args()))

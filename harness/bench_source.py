@@ -1,6 +1,6 @@
 """`iat bench ingest`: instances per second through the source service, and where the time goes.
 
-    iat bench ingest --json ingest.json        # same as: python -m services.source.bench ...
+    iat bench ingest --json ingest.json        # same as: python -m harness.bench_source ...
 
 Real MovieLens instances (time order, a fresh slice per measurement) are ingested in batches of
 B instances, for each B in ``--batch-sizes``, three ways:
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from harness.processes import ServiceProcess
+from harness.reporting import command_line, emit
 
 BATCH_SIZES = (1, 64, 512)
 PARTS = ("featurize", "history", "model", "store")
@@ -230,21 +230,15 @@ def run(args: argparse.Namespace) -> int:
             embedded.stop()
     result = {
         "rows": rows,
-        "command": "iat bench ingest " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "ingest"]
-        else "python -m services.source.bench " + " ".join(sys.argv[1:]),
+        "command": command_line("ingest", "harness.bench_source"),
         "model_dir": str(model_dir), "threads": args.threads, "concurrency": args.concurrency,
         "torch": torch.__version__, "cpus": os.cpu_count(), "python": platform.python_version(),
         "redis": "embedded (unix socket)" if embedded is not None else "REDIS URL given",
     }
-    print(markdown(result))
-    if args.json_path:
-        args.json_path.parent.mkdir(parents=True, exist_ok=True)
-        args.json_path.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json_path}")
-    return 0
+    return emit(result, args.json_path, markdown)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    _parser = argparse.ArgumentParser(prog="python -m services.source.bench", description=__doc__.splitlines()[0])
+    _parser = argparse.ArgumentParser(prog="python -m harness.bench_source", description=__doc__.splitlines()[0])
     add_arguments(_parser)
     sys.exit(run(_parser.parse_args()))

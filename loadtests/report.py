@@ -61,17 +61,21 @@ def _start_naive(model_dir: Path, redis_url: str, log: Path) -> tuple[subprocess
     raise TimeoutError("naive peer not up")
 
 
-def our_fetch(redis_url: str, model_dir: Path, users: list[str], iterations: int) -> list[dict]:
-    """The fused read (what serving calls) of each user's newest L records, timed like Feast's."""
+def _model_and_store(redis_url: str, model_dir: Path):
+    """The quick export's iat model and a store decoding its source model's records."""
     from models.runtime.loader import latest_version, load_ranking_model
+    from services.config import Settings
     from services.ranking.registry import ModelRegistry
-    from storage.connection import connect
-    from storage.instance_store import InstanceStore
+    from services.stores import instance_store, redis_client
 
     model = load_ranking_model(latest_version(model_dir, "iat"), "eager", "cpu")
-    dim, codec, code_length, code_dtype, tasks = ModelRegistry(model_dir).record_layout(model)
-    store = InstanceStore(connect(redis_url), dim=dim, codec=codec, tasks=tasks, code_length=code_length,
-                          code_dtype=np.dtype(code_dtype))
+    settings = Settings(redis_url=redis_url)
+    return model, instance_store(redis_client(settings), settings, ModelRegistry(model_dir).record_layout(model))
+
+
+def our_fetch(redis_url: str, model_dir: Path, users: list[str], iterations: int) -> list[dict]:
+    """The fused read (what serving calls) of each user's newest L records, timed like Feast's."""
+    model, store = _model_and_store(redis_url, model_dir)
     out = []
     for user in users:
         for _ in range(10):
@@ -89,15 +93,7 @@ def our_fetch(redis_url: str, model_dir: Path, users: list[str], iterations: int
 
 
 def histories_for_feast(redis_url: str, model_dir: Path, users: list[str], path: Path) -> None:
-    from models.runtime.loader import latest_version, load_ranking_model
-    from services.ranking.registry import ModelRegistry
-    from storage.connection import connect
-    from storage.instance_store import InstanceStore
-
-    model = load_ranking_model(latest_version(model_dir, "iat"), "eager", "cpu")
-    dim, codec, code_length, code_dtype, tasks = ModelRegistry(model_dir).record_layout(model)
-    store = InstanceStore(connect(redis_url), dim=dim, codec=codec, tasks=tasks, code_length=code_length,
-                          code_dtype=np.dtype(code_dtype))
+    model, store = _model_and_store(redis_url, model_dir)
     payload = []
     for user in users:
         h = store.read_history(user, REQUEST_TIME_MS, model.max_history)
