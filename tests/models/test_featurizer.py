@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data.prepared import _read_table, load_dataset
+from models.data.prepared import read_table, load_dataset
 from models.runtime.featurizer import FeatureError, Featurizer, FeatureSpec
 from models.data.schema import DatasetSchema, load_schema
 
@@ -16,7 +16,7 @@ ML = DATA_DIR / "movielens-100k"
 
 
 def _table(path: Path, sep="\t"):
-    header, rows = _read_table(path, sep, "test")
+    header, rows = read_table(path, sep, "test")
     return header, {r[0]: dict(zip(header, r)) for r in rows}
 
 
