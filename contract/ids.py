@@ -33,18 +33,18 @@ def encode_parts(*parts: object) -> bytes:
     """Bytes that identify the tuple of the parts' canonical texts: distinct tuples, distinct bytes.
 
     Two forms, chosen per tuple:
-    - compact: the texts joined by ``SEPARATOR``, UTF-8, used when no text contains the
-      separator or a lone surrogate. This is the encoding every InsID and feature bucket had
-      before, so ids already stored (and buckets already trained) keep their values, and a
-      rolling upgrade never gives one instance two ids. Splitting on the separator recovers
-      the texts, so this form is unambiguous on the tuples it is used for.
+    - compact: the texts joined by ``SEPARATOR``, UTF-8, used when there is at least one part
+      and no text contains the separator or a lone surrogate. This is the encoding every InsID
+      and feature bucket had before, so ids already stored (and buckets already trained) keep
+      their values, and a rolling upgrade never gives one instance two ids. Splitting on the
+      separator recovers the texts, so this form is unambiguous on the tuples it is used for.
     - framed: ``FRAMED``, then per text its UTF-8 length (8 bytes, little-endian) and its
       bytes (lone surrogates kept as their own 3-byte sequences, so "\\udcc3\\udca9" is not "é").
       A length-prefixed sequence decodes one way only, and its first byte (0xff) never starts
       a compact encoding (valid UTF-8), so the two forms never meet.
     """
     texts = [canonical(p) for p in parts]
-    if not any(SEPARATOR in t for t in texts):
+    if texts and not any(SEPARATOR in t for t in texts):
         try:
             return SEPARATOR.join(texts).encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate: only the framed form keeps it distinct
