@@ -10,7 +10,6 @@ from contract.validation import MAX_ID_LENGTH, MAX_TIMESTAMP_MS, InvalidField, c
 from services import metrics
 from services.health import health_router
 from services.http_errors import error_body, install_error_handlers
-from services.security import RequestGuard
 from services.ranking.errors import InvalidRequest, ScoreError
 from services.ranking.protocol import (
     ScoreRequestModel,
@@ -18,6 +17,7 @@ from services.ranking.protocol import (
     query_from_model,
     result_to_model,
 )
+from services.security import RequestGuard
 
 
 def error_response(err: ScoreError) -> JSONResponse:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from services import metrics
 from services.http_errors import field_path
-from services.source.protocol import Instance, IngestRejected, validate_against_model
+from services.source.protocol import IngestRejected, Instance, validate_against_model
 
 log = logging.getLogger(__name__)
 FIELD = b"instance"
