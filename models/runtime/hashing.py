@@ -5,43 +5,13 @@ string); Python's ``hash()`` is salted per process and must never be used for fe
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
-_SEP = "\x1f"  # unit separator: cannot appear in a CSV/TSV cell by accident
+# The InsID and the hash live in the online contract (contract/ids.py); re-exported here
+# because training and the featurizer hash through this module.
+from contract.ids import ins_id, stable_hash64
 
-
-def _canonical(part: object) -> str:
-    if isinstance(part, bool):
-        return "1" if part else "0"
-    if isinstance(part, (int, np.integer)):
-        return str(int(part))
-    if isinstance(part, (float, np.floating)):
-        value = float(part)
-        return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(part, bytes):
-        return part.decode("utf-8", "surrogateescape")
-    return str(part)
-
-
-def stable_hash64(*parts: object) -> int:
-    """Unsigned 64-bit hash of the parts' canonical strings (blake2b, 8-byte digest).
-
-    Integers and integral floats hash alike (``3`` and ``3.0``), so a value read as a
-    number by one loader and as text by another still lands in the same bucket.
-    """
-    text = _SEP.join(_canonical(p) for p in parts)
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=False)
-
-
-def ins_id(request_id: str, item_id: str, timestamp_ms: int) -> int:
-    """InsID: stable 64-bit id of one training instance (IAT section 3.5).
-
-    Datasets without a request id (MovieLens) use ``f"{user}:{timestamp}"``.
-    """
-    return stable_hash64("insid", request_id, item_id, int(timestamp_ms))
+__all__ = ["hash_bucket", "hash_buckets", "ins_id", "stable_hash64"]
 
 
 def hash_bucket(field: str, value: object, n_buckets: int) -> int:

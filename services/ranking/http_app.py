@@ -6,13 +6,12 @@ import time
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 
+from contract.validation import MAX_ID_LENGTH, MAX_TIMESTAMP_MS, InvalidField, check_id
 from services import metrics
 from services.health import health_router
 from services.http_errors import error_body, install_error_handlers
-from services.ranking.errors import ScoreError
+from services.ranking.errors import InvalidRequest, ScoreError
 from services.ranking.protocol import (
-    MAX_ID_LENGTH,
-    MAX_TIMESTAMP_MS,
     ScoreRequestModel,
     ScoreResponseModel,
     query_from_model,
@@ -58,6 +57,10 @@ def create_app(serving) -> FastAPI:
         before_ms: int = Query(..., gt=0, le=MAX_TIMESTAMP_MS, description="only instances strictly before this time"),
         limit: int = Query(256, gt=0, le=4096),
     ) -> dict:
+        try:
+            check_id(user_id, "user_id")
+        except InvalidField as err:
+            raise InvalidRequest(err.message, err.field) from None
         return await serving.history(user_id, before_ms, limit)
 
     return app

@@ -6,19 +6,15 @@ what makes the two protocols reject the same requests with the same field names.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from iat.ranking.v1 import ranking_pb2
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
+from contract.validation import InvalidField, check_features, check_id, check_time_ms
 from services.ranking.errors import InvalidRequest, TooManyCandidates
-
-MAX_ID_LENGTH = 512
-MAX_FEATURES = 256
-# Unix ms bounds: after 1970 and before the year 3000; anything else is a unit mistake.
-MAX_TIMESTAMP_MS = 32_503_680_000_000
+from services.wire_types import TimeMs
 
 
 @dataclass(slots=True)
@@ -56,7 +52,7 @@ class ScoreResult:
 class FeaturesModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     categorical: dict[str, str] = Field(default_factory=dict)
-    numeric: dict[str, float] = Field(default_factory=dict)
+    numeric: dict[str, StrictFloat] = Field(default_factory=dict)
 
 
 class CandidateModel(BaseModel):
@@ -71,7 +67,7 @@ class ScoreRequestModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     request_id: str = ""
     user_id: str
-    request_time_ms: int
+    request_time_ms: TimeMs
     context: FeaturesModel = Field(default_factory=FeaturesModel)
     candidates: list[CandidateModel] = Field(default_factory=list)
     model: str = ""
@@ -127,41 +123,24 @@ def result_to_model(res: ScoreResult) -> ScoreResponseModel:
 
 
 # --- validation ----------------------------------------------------------------------
-def _check_id(value: str, name: str, *, required: bool) -> None:
-    if required and not value:
-        raise InvalidRequest("must not be empty", name)
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidRequest(f"longer than {MAX_ID_LENGTH} characters", name)
-    if "\x00" in value:
-        raise InvalidRequest("contains a NUL character", name)
-
-
-def _check_features(values: FeatureValues, name: str) -> None:
-    if len(values.categorical) + len(values.numeric) > MAX_FEATURES:
-        raise InvalidRequest(f"more than {MAX_FEATURES} features", name)
-    for key, value in values.categorical.items():
-        _check_id(key, f"{name}.categorical", required=True)
-        _check_id(value, f"{name}.categorical[{key}]", required=False)
-    for key, value in values.numeric.items():
-        _check_id(key, f"{name}.numeric", required=True)
-        if not math.isfinite(value):
-            raise InvalidRequest("must be a finite number", f"{name}.numeric[{key}]")
-
-
 def validate_query(query: ScoreQuery, *, max_candidates: int) -> None:
-    """Raise InvalidRequest / TooManyCandidates naming the first offending field."""
-    _check_id(query.request_id, "request_id", required=False)
-    _check_id(query.user_id, "user_id", required=True)
-    _check_id(query.model, "model", required=False)
-    if not 0 < query.request_time_ms <= MAX_TIMESTAMP_MS:
-        raise InvalidRequest(
-            f"must be unix milliseconds in (0, {MAX_TIMESTAMP_MS}]", "request_time_ms"
-        )
-    if query.num_candidates > max_candidates:
-        raise TooManyCandidates(
-            f"{query.num_candidates} candidates, the limit is {max_candidates}", "candidates"
-        )
-    _check_features(query.context, "context")
-    for i, (item_id, feats) in enumerate(zip(query.item_ids, query.candidate_features)):
-        _check_id(item_id, f"candidates[{i}].item_id", required=True)
-        _check_features(feats, f"candidates[{i}].features")
+    """Raise InvalidRequest / TooManyCandidates naming the first offending field.
+
+    The checks are contract.validation's, shared with the source service; feature names are
+    checked against the chosen model by its featurizer.
+    """
+    try:
+        check_id(query.request_id, "request_id", required=False)
+        check_id(query.user_id, "user_id")
+        check_id(query.model, "model", required=False)
+        check_time_ms(query.request_time_ms, "request_time_ms")
+        if query.num_candidates > max_candidates:
+            raise TooManyCandidates(
+                f"{query.num_candidates} candidates, the limit is {max_candidates}", "candidates"
+            )
+        check_features(query.context.categorical, query.context.numeric, "context")
+        for i, (item_id, feats) in enumerate(zip(query.item_ids, query.candidate_features)):
+            check_id(item_id, f"candidates[{i}].item_id")
+            check_features(feats.categorical, feats.numeric, f"candidates[{i}].features")
+    except InvalidField as err:
+        raise InvalidRequest(err.message, err.field) from None

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from services import metrics
 from services.config import Settings
 from services.health import health_router
+from services.http_errors import install_error_handlers
 from services.security import RequestGuard
 from services.sequencer.worker import SequencerWorker
 from services.stores import instance_store, instance_stream, redis_client
@@ -69,6 +70,7 @@ class Sequencer:
             return alive == len(self.workers), f"{alive}/{len(self.workers)} workers alive"
 
         app = FastAPI(title="iat sequencer", version="1")
+        install_error_handlers(app)
         app.include_router(health_router({"store": store_ok, "workers": workers_ok}))
         app.add_middleware(RequestGuard, token=self.settings.token, max_body_bytes=self.settings.max_body_bytes)
 

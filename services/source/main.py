@@ -27,6 +27,7 @@ from services.source.protocol import (
     IngestRejected,
     IngestRequest,
     IngestResponse,
+    distinct_instances,
     validate_against_model,
 )
 from services.source.raw_stream import RawInstanceConsumer
@@ -57,8 +58,9 @@ class SourceService:
     async def ingest(self, request: IngestRequest) -> IngestResponse:
         validate_against_model(request.instances, self.model.featurizer, self.model.tasks,
                                self.settings.ingest_max_request)
-        ids = await self.batcher.submit(request.instances)
-        return IngestResponse(accepted=len(ids), ins_ids=[str(i) for i in ids])
+        distinct, positions = distinct_instances(request.instances)
+        ids = await self.batcher.submit(distinct)
+        return IngestResponse(accepted=len(ids), ins_ids=[str(ids[k]) for k in positions])
 
     def app(self) -> FastAPI:
         @asynccontextmanager
@@ -97,7 +99,8 @@ class SourceService:
                 response = await self.ingest(body)
             except IngestRejected as err:
                 metrics.INSTANCES.labels("rejected").inc(len(body.instances))
-                return JSONResponse(error_body("INVALID_ARGUMENT", err.field, err.message), status_code=422)
+                return JSONResponse(error_body("INVALID_ARGUMENT", err.field, err.message, indices=err.indices),
+                                    status_code=422)
             except STORE_ERRORS as exc:
                 metrics.INSTANCES.labels("unavailable").inc(len(body.instances))
                 log.warning("ingest: store unavailable: %s: %s", type(exc).__name__, exc)

@@ -1,30 +1,39 @@
 """Typed messages of POST /v1/instances (DESIGN.md section 7) and their validation.
 
-Pydantic rejects malformed JSON, NaN/inf, empty ids and negative timestamps with a 422 that
-names the field; `validate_against_model` adds what only the loaded model knows (feature names,
-task names), so a whole batch is accepted or rejected before anything is written.
+Pydantic parses with strict types (services/wire_types.py: ids, times) and rejects malformed
+JSON, NaN/inf and unknown keys with a 422 that names the field; `validate_against_model` adds
+the contract's checks of feature values (contract/validation.py, shared with the ranking
+service) and what only the loaded model knows (feature names, task names), and
+`distinct_instances` folds repeats of one InsID, so a whole batch is accepted or rejected
+before anything is written.
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import math
 
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+)
+
+from contract.ids import ins_id
+from contract.validation import InvalidField, check_features
 from models.runtime.featurizer import FeatureError, Featurizer
-
-MAX_ID_LENGTH = 512
-# Unix ms before the year 3000 (Redis sorted-set scores are doubles: exact below 2**53).
-MAX_TIMESTAMP_MS = 32_503_680_000_000
+from services.wire_types import Id, TimeMs
 
 
 class InstanceFeatures(BaseModel):
     model_config = ConfigDict(extra="forbid")
     categorical: dict[str, str] = Field(default_factory=dict)
-    numeric: dict[str, float] = Field(default_factory=dict)
+    numeric: dict[str, StrictFloat] = Field(default_factory=dict)
 
     @field_validator("numeric")
     @classmethod
     def _finite(cls, values: dict[str, float]) -> dict[str, float]:
-        import math
-
         for key, value in values.items():
             if not math.isfinite(value):
                 raise ValueError(f"numeric[{key}] must be a finite number, got {value}")
@@ -33,12 +42,12 @@ class InstanceFeatures(BaseModel):
 
 class Instance(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    request_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    item_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    timestamp_ms: int = Field(ge=0, le=MAX_TIMESTAMP_MS)
+    request_id: Id
+    user_id: Id
+    item_id: Id
+    timestamp_ms: TimeMs
     features: InstanceFeatures = Field(default_factory=InstanceFeatures)
-    labels: dict[str, int] = Field(default_factory=dict)
+    labels: dict[str, StrictInt] = Field(default_factory=dict)
 
     @field_validator("labels")
     @classmethod
@@ -55,17 +64,22 @@ class IngestRequest(BaseModel):
 
 
 class IngestResponse(BaseModel):
+    # Distinct instances accepted: an instance repeated in one request (same InsID, same
+    # content) is one instance, stored once, and counted once.
     accepted: int
-    ins_ids: list[str]  # decimal strings: uint64 does not survive a JSON number in most clients
+    # One per instance of the request, in its order (a repeat repeats its id); decimal
+    # strings: a uint64 does not survive a JSON number in most clients.
+    ins_ids: list[str]
 
 
 class IngestRejected(ValueError):
     """A batch rejected as a whole; ``field`` is a JSON path such as instances[3].labels[like]."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, indices: list[int] | None = None) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.indices = indices  # the instances involved, where more than one is
 
 
 def validate_against_model(instances: list[Instance], featurizer: Featurizer, tasks: list[str],
@@ -75,9 +89,43 @@ def validate_against_model(instances: list[Instance], featurizer: Featurizer, ta
     known_tasks = set(tasks)
     for i, inst in enumerate(instances):
         try:
+            check_features(inst.features.categorical, inst.features.numeric, f"instances[{i}].features")
+        except InvalidField as err:
+            raise IngestRejected(err.field, err.message) from None
+        try:
             featurizer.check_names(inst.features.categorical, inst.features.numeric, f"instances[{i}].features")
         except FeatureError as err:
             raise IngestRejected(err.field, err.message) from None
         for task in inst.labels:
             if task not in known_tasks:
                 raise IngestRejected(f"instances[{i}].labels[{task}]", f"unknown task (this model has {tasks})")
+
+
+def distinct_instances(instances: list[Instance]) -> tuple[list[Instance], list[int]]:
+    """Fold repeats of one InsID: (the distinct instances, and for each input instance the
+    position of its distinct instance).
+
+    A repeat identical to the first is the same instance sent twice (a client retrying inside
+    one batch) and is stored once. A repeat that differs (other user, labels or features) is a
+    conflict: storing either would silently drop the other, so the batch is rejected, naming
+    both indices.
+    """
+    seen: dict[int, tuple[int, int]] = {}  # InsID -> (position among the distinct, input index)
+    distinct: list[Instance] = []
+    positions: list[int] = []
+    for i, inst in enumerate(instances):
+        key = ins_id(inst.request_id, inst.item_id, inst.timestamp_ms)
+        if key not in seen:
+            seen[key] = (len(distinct), i)
+            distinct.append(inst)
+        k, j = seen[key]
+        if inst != distinct[k]:
+            differ = " and ".join(f for f in ("user_id", "features", "labels")
+                                  if getattr(inst, f) != getattr(distinct[k], f))
+            raise IngestRejected(
+                f"instances[{i}]",
+                f"same InsID (request_id, item_id, timestamp_ms) as instances[{j}] but a different {differ}: "
+                f"instances[{j}] and instances[{i}] conflict",
+                indices=[j, i])
+        positions.append(k)
+    return distinct, positions

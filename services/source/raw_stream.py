@@ -15,6 +15,7 @@ import redis.exceptions
 from pydantic import ValidationError
 
 from services import metrics
+from services.http_errors import field_path
 from services.source.protocol import IngestRejected, Instance, validate_against_model
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class RawInstanceConsumer:
             except (KeyError, ValidationError, IngestRejected) as exc:
                 self.rejected += 1
                 metrics.INSTANCES.labels("rejected").inc()
-                log.warning("raw stream %s: entry %s rejected: %s", self.key, entry_id, str(exc).splitlines()[0])
+                log.warning("raw stream %s: entry %s rejected: %s", self.key, entry_id, _reason(exc))
         return good, [entry_id for entry_id, _ in entries]
 
     async def run_once(self, start: str = ">") -> int:
@@ -85,3 +86,13 @@ class RawInstanceConsumer:
                 log.warning("raw stream %s: store unavailable (%s); retrying in %.1fs", self.key, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+def _reason(exc: Exception) -> str:
+    """The rejected field and why, named as the HTTP API names it (instances[0] is the entry itself)."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        return f"{field_path(first['loc'])}: {first['msg']}"
+    if isinstance(exc, KeyError):
+        return f"no field {FIELD.decode()!r}"
+    return str(exc)

@@ -13,8 +13,8 @@ import sys
 import grpc
 import httpx
 import pytest
-
 from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
 from models.runtime.loader import latest_version
 from tests.conftest import free_port
 

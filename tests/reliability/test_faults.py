@@ -16,13 +16,17 @@ import time
 import grpc
 import httpx
 import pytest
-
 from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
 from models.data.raw import raw_instances
 from models.data.schema import load_schema
 from storage.connection import EmbeddedRedis, connect
 from tests.conftest import free_port
-from tests.services.test_source_e2e import _assert_store_holds_exactly, _env, _wait_sequenced
+from tests.services.test_source_e2e import (
+    _assert_store_holds_exactly,
+    _env,
+    _wait_sequenced,
+)
 
 pytestmark = pytest.mark.slow
 REDIS_TIMEOUT_S = 0.5
