@@ -593,6 +593,77 @@ def test_k8s_every_service_deployed_and_ranking_autoscaled():
     assert "redis-cluster" in (K8S_DIR / "README.md").read_text()
 
 
+def kubernetes_version_named_in_readme() -> str:
+    """The Kubernetes version the README's deployment section says the manifests are for."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Deployment", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"Kubernetes (\d+\.\d+)\b", section)
+    assert match, "README's Deployment section names no Kubernetes version"
+    return match.group(1)
+
+
+def k8s_resources() -> list[tuple[str, dict]]:
+    """Every object `kubectl apply -k deploy/k8s` sends, with its file."""
+    kustomization = load_yaml(K8S_DIR / "kustomization.yaml")[0]
+    return [(name, doc) for name in kustomization["resources"] for doc in load_yaml(K8S_DIR / name)]
+
+
+def test_k8s_manifests_validate_against_the_named_kubernetes_schemas():
+    import kubernetes_validate
+
+    named = kubernetes_version_named_in_readme()
+    # The named version (what we promise) and the newest the pinned package ships (what is coming).
+    latest = ".".join(kubernetes_validate.latest_version().split(".")[:2])
+    versions = sorted({named, latest})
+    resources = k8s_resources()
+    assert {doc["kind"] for _, doc in resources} >= {"Deployment", "Service", "HorizontalPodAutoscaler",
+                                                    "ConfigMap", "Secret", "PersistentVolumeClaim"}
+    for name, doc in resources:
+        for version in versions:
+            try:
+                # strict: a misspelt field (livenesProbe) is an error, not silently ignored
+                used = kubernetes_validate.validate(doc, version, strict=True)
+            except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError) as exc:
+                pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']} is not valid Kubernetes {version}: {exc}")
+            assert used == version, f"kubernetes-validate has no schemas for {version} (used {used})"
+
+
+def test_k8s_validation_rejects_a_broken_manifest():
+    import kubernetes_validate
+
+    deployment = json.loads(json.dumps(DEPLOYMENTS["iat-ranking"]))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["livenesProbe"] = container.pop("livenessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_version_named_in_readme(), strict=True)
+    container["livenessProbe"] = container.pop("livenesProbe")
+    container["resources"]["limits"]["cpu"] = ["2"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_version_named_in_readme(), strict=True)
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes resource quantity as a number (cpu: cores, memory: bytes)."""
+    units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value))
+    assert match and (match.group(2) in units or not match.group(2)), f"not a quantity: {value!r}"
+    return float(match.group(1)) * units.get(match.group(2), 1)
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_k8s_containers_have_cpu_and_memory_limits_and_distinct_probes(name):
+    for container in DEPLOYMENTS[name]["spec"]["template"]["spec"]["containers"]:
+        resources = container["resources"]
+        for resource in ("cpu", "memory"):
+            assert resource in resources["limits"], f"{name}: no {resource} limit"
+            assert resource in resources["requests"], f"{name}: no {resource} request"
+            assert quantity(resources["requests"][resource]) <= quantity(resources["limits"][resource]), name
+        # Liveness restarts a stuck process; readiness only takes it out of the Service while its
+        # store or model is not there. The same check for both would restart pods for a Redis outage.
+        live, ready = container["livenessProbe"]["httpGet"]["path"], container["readinessProbe"]["httpGet"]["path"]
+        assert (live, ready) == ("/healthz", "/readyz"), name
+
+
 # --- the seed job's data ----------------------------------------------------------------
 
 def test_seed_instances_are_valid_requests_with_the_loaders_ins_ids(tmp_path):
