@@ -227,8 +227,9 @@ build_stages() {
       continue
     fi
     log "building $image"
-    docker build -q --target "$stage" --build-arg "DEBIAN_IMAGE=iat-local/debian:$CODENAME" \
-      --label "iat.local.recipe=$recipe" -t "$image" -f "$ROOT/deploy/local/Dockerfile" "$ctx" >/dev/null
+    docker build --target "$stage" --build-arg "DEBIAN_IMAGE=iat-local/debian:$CODENAME" \
+      --label "iat.local.recipe=$recipe" -t "$image" -f "$ROOT/deploy/local/Dockerfile" "$ctx" >"$ctx/build.log" 2>&1 \
+      || { tail -n 30 "$ctx/build.log" >&2; rm -rf "$ctx"; die "building $image failed"; }
   done
   rm -rf "$ctx"
 }
