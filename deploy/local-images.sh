@@ -228,10 +228,10 @@ build_stages() {
     fi
     log "building $image"
     docker build --target "$stage" --build-arg "DEBIAN_IMAGE=iat-local/debian:$CODENAME" \
-      --label "iat.local.recipe=$recipe" -t "$image" -f "$ROOT/deploy/local/Dockerfile" "$ctx" >"$ctx/build.log" 2>&1 \
-      || { tail -n 30 "$ctx/build.log" >&2; rm -rf "$ctx"; die "building $image failed"; }
+      --label "iat.local.recipe=$recipe" -t "$image" -f "$ROOT/deploy/local/Dockerfile" "$ctx" >"$ctx.log" 2>&1 \
+      || { tail -n 30 "$ctx.log" >&2; rm -rf "$ctx" "$ctx.log"; die "building $image failed"; }
   done
-  rm -rf "$ctx"
+  rm -rf "$ctx" "$ctx.log"
 }
 
 # torch comes from the machine's CPU wheel (pip's find-links folders), not from an index.
