@@ -119,6 +119,7 @@ def stack(request, tmp_path_factory):
         pytest.skip(f"no container engine can be started here: {done.stderr.strip()[-800:]}")
     token = secrets.token_hex(16)
     data_dir = tmp_path_factory.mktemp("no-movielens")  # the jobs fall back to the synthetic generator
+    data_dir.chmod(0o755)  # readable by the containers' user, as a real data folder would be
     env = {**os.environ, "IAT_API_TOKEN": token, "IAT_DATA_DIR": str(data_dir), "DEMO_MAX_USERS": DEMO_USERS}
     env.pop("IAT_BIND", None)  # the default: every published port on 127.0.0.1
     env.pop("COMPOSE_FILE", None)
