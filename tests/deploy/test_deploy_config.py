@@ -500,7 +500,7 @@ def test_local_override_maps_every_registry_image_to_a_local_build():
         local = LOCAL["services"].get(name, {})
         if name in image_services():
             assert local["build"]["args"]["BASE_IMAGE"] == "iat-local/python", name
-            assert f"ARG BASE_IMAGE=" in (REPO / DOCKERFILE).read_text()
+            assert "ARG BASE_IMAGE=" in (REPO / DOCKERFILE).read_text()
         elif name == "grafana":  # no Debian package: kept out of the default profile
             assert local.get("profiles"), "grafana needs a profile in compose.local.yml"
         else:
