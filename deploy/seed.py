@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-url", required=True, help="base URL of the source service")
     parser.add_argument("--batch", type=int, default=512, help="instances per POST (<= IAT_INGEST_MAX_REQUEST)")
     parser.add_argument("--limit", type=int, default=0, help="seed only the newest N instances (0: all)")
+    parser.add_argument("--max-users", type=int, default=0,
+                        help="seed only the first N users by user id, those `iat train --max-users N` trains on (0: all)")
 
 
 def post(url: str, instances: list[dict]) -> int:
@@ -45,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     schema = DatasetSchema.from_toml(args.schema) if args.schema else load_schema(args.dataset)
     data_dir = args.data_dir or (args.schema.parent if args.schema else Path("."))
     instances = raw_instances(schema, data_dir)
+    if args.max_users:
+        # The loader numbers users in sorted order of their ids (np.unique); train keeps the first N.
+        kept = set(sorted({inst["user_id"] for inst in instances})[:args.max_users])
+        instances = [inst for inst in instances if inst["user_id"] in kept]
     if args.limit:
         instances = instances[-args.limit:]
     url = args.source_url.rstrip("/") + "/v1/instances"

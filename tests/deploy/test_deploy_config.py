@@ -1,10 +1,12 @@
 """The deploy files checked against the code: docker-compose.yml, deploy/k8s, Prometheus, Grafana,
 the Dockerfile and the job scripts.
 
-No Docker engine or cluster here, so nothing is started: every command is parsed with the real
-argparse parser of its `iat` subcommand, every env var must be a `Settings` field (or listed
-below with its reason), ports are derived from `Settings` with that environment, probes must hit
-routes of `services.health.health_router`, and dashboard queries must name exported metrics.
+Nothing is started here (tests/deploy/test_compose_up.py brings compose up for real): every
+command is parsed with the real argparse parser of its `iat` subcommand, every env var must be a
+`Settings` field (or listed below with its reason), ports are derived from `Settings` with that
+environment, probes must hit routes of `services.health.health_router`, dashboard queries must name
+exported metrics, and the Kubernetes manifests are validated against the Kubernetes schemas of the
+version the README names (kubernetes-validate ships them, so no cluster is needed).
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from unittest import mock
 from urllib.parse import urlparse
@@ -42,6 +46,7 @@ DOCUMENTED_ENV = {
     "REDIS_PASSWORD": "k8s: from the Secret, interpolated into REDIS_URL as $(REDIS_PASSWORD)",
     "SOURCE_URL": "compose seed job: where deploy/jobs/seed.sh posts the instances",
     "IAT_SOURCE_URL": "loadtests/locustfile.py: where the ingest user posts (not a service setting)",
+    "DEMO_MAX_USERS": "compose train and seed jobs: users to train on and replay (as `iat demo --max-users`)",
 }
 HEALTH_PATHS = {route.path for route in health_router({}).routes}
 
@@ -50,7 +55,50 @@ def load_yaml(path: Path) -> list:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
-COMPOSE = load_yaml(REPO / "docker-compose.yml")[0]
+class InterpolationError(ValueError):
+    """What compose reports for a required variable that is unset or empty."""
+
+
+# Compose's interpolation (compose-spec, "Interpolation"): $$ for a literal $, $VAR, ${VAR},
+# ${VAR:-default} / ${VAR-default}, ${VAR:?error} / ${VAR?error}, ${VAR:+alternate} / ${VAR+alternate}.
+_COMPOSE_VAR = re.compile(r"\$(?:(\$)|\{(\w+)(?:(:?[-?+])([^{}]*))?\}|(\w+))")
+
+
+def interpolate(value, env: dict[str, str]):
+    """The compose file as compose sees it with exactly this environment."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        dollar, name, op, arg, bare = match.groups()
+        if dollar:
+            return "$"
+        if bare:
+            return env.get(bare, "")
+        current = env.get(name)
+        missing = current is None or (op is not None and op.startswith(":") and current == "")
+        if op is None:
+            return current or ""
+        if op.endswith("-"):
+            return interpolate(arg, env) if missing else current
+        if op.endswith("?"):
+            if missing:
+                raise InterpolationError(f"required variable {name} is missing a value: {arg}")
+            return current
+        return "" if missing else interpolate(arg, env)  # ":+" / "+"
+
+    return _COMPOSE_VAR.sub(substitute, value)
+
+
+RAW_COMPOSE = load_yaml(REPO / "docker-compose.yml")[0]
+# What the checks below read: the file as compose resolves it with only a token set (the one
+# variable without a default), so that they see the values the containers get.
+COMPOSE_ENV = {"IAT_API_TOKEN": "token-for-the-config-test"}
+COMPOSE = interpolate(RAW_COMPOSE, COMPOSE_ENV)
 K8S = [doc for path in sorted(K8S_DIR.glob("*.yaml")) for doc in load_yaml(path)]
 
 
@@ -250,7 +298,14 @@ def test_compose_job_scripts_parse_and_see_their_env(name):
     assert svc["command"][0] == "sh"
     script = REPO / svc["command"][1]
     assert script.is_file(), script
-    commands = shell_invocations(script)
+    used = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", script.read_text()))
+    missing = used - set(svc["environment"])
+    assert not missing, f"{script} reads {sorted(missing)}, not set for compose service {name}"
+    assert used <= settings_env_names() | set(DOCUMENTED_ENV), used
+    env = {key: str(value) for key, value in svc["environment"].items()}
+    # Each command as the job runs it: its variables take the service's values.
+    commands = [[re.sub(r"\$\{?([A-Z_][A-Z0-9_]*)\}?", lambda m: env[m.group(1)], arg) for arg in argv]
+                for argv in shell_invocations(script)]
     checked = 0
     for argv in commands:
         if argv[0] == "iat":
@@ -260,10 +315,16 @@ def test_compose_job_scripts_parse_and_see_their_env(name):
             parse_seed(argv[2:])
             checked += 1
     assert checked >= 2, f"{script}: expected iat/seed invocations, found {commands}"
-    used = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", script.read_text()))
-    missing = used - set(svc["environment"])
-    assert not missing, f"{script} reads {sorted(missing)}, not set for compose service {name}"
-    assert used <= settings_env_names() | set(DOCUMENTED_ENV), used
+
+
+def test_compose_jobs_train_and_replay_the_same_users():
+    train = [a for a in shell_invocations(REPO / "deploy/jobs/train-export.sh") if a[:2] == ["iat", "train"]]
+    seed = [a for a in shell_invocations(REPO / "deploy/jobs/seed.sh") if a[:2] == ["python", "deploy/seed.py"]]
+    assert len(train) == len(seed) == 2  # MovieLens and synthetic branches
+    for argv in train + seed:
+        assert argv[argv.index("--max-users") + 1] == "$DEMO_MAX_USERS", argv
+    services = COMPOSE["services"]
+    assert services["train"]["environment"]["DEMO_MAX_USERS"] == services["seed"]["environment"]["DEMO_MAX_USERS"]
 
 
 def test_seed_targets_the_source_service():
@@ -362,28 +423,100 @@ def test_grafana_provisioning_points_at_the_mounted_dashboards():
     assert f"./deploy/grafana/dashboards:{path}:ro" in COMPOSE["services"]["grafana"]["volumes"]
 
 
-# --- Dockerfile -------------------------------------------------------------------------
+# --- Dockerfile ---------------------------------------------------------------------------
 
-def test_dockerfile_copies_existing_files_not_ignored():
-    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
-    copies = []
-    for line in (REPO / DOCKERFILE).read_text().splitlines():
-        parts = line.split()
-        if parts and parts[0] in ("COPY", "ADD") and not any(p.startswith("--from") for p in parts):
-            copies.append(parts)
-            for source in parts[1:-1]:
-                if source.startswith("--"):
-                    continue
-                assert list(REPO.glob(source.rstrip("/"))), f"{DOCKERFILE}: COPY {source}: no such file"
-                assert not any(fnmatch.fnmatch(source.rstrip("/"), pat) for pat in ignored), source
-    copied = " ".join(" ".join(parts[1:-1]) for parts in copies)
-    for svc in image_services().values():  # scripts the compose jobs run are in the image
-        if svc["command"][0] == "sh":
-            assert str(Path(svc["command"][1]).parent) in copied, svc["command"]
-    assert "deploy/seed.py" in copied
+def dockerignore_patterns() -> list[str]:
+    return [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def docker_ignored(path: str) -> bool:
+    """Whether .dockerignore keeps `path` (relative to the context) out of the build context: a
+    pattern matching the path or a folder above it drops it, `!pattern` brings it back, last wins."""
+    parts = Path(path).parts
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    ignored = False
+    for pattern in dockerignore_patterns():
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        candidates = [pattern, pattern[3:]] if pattern.startswith("**/") else [pattern]
+        if any(fnmatch.fnmatchcase(prefix, pat) for prefix in prefixes for pat in candidates):
+            ignored = not negate
+    return ignored
+
+
+def installed_package_dirs() -> set[str]:
+    """The folders of every package pyproject.toml installs (packages.find and package-dir)."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    find = setuptools["packages"]["find"]
+    dirs = {str(init.parent.relative_to(REPO)) for where in find["where"] for init in (REPO / where).glob("*/__init__.py")
+            if any(fnmatch.fnmatchcase(init.parent.name, pattern) for pattern in find["include"])}
+    return dirs | {d for d in setuptools.get("package-dir", {}).values() if d not in ("", ".")}
+
+
+def test_dockerfile_copies_the_context_whole_less_what_dockerignore_drops():
     text = (REPO / DOCKERFILE).read_text()
-    assert "torch==2.13.0" in text and "download.pytorch.org/whl/cpu" in text and "-c constraints.txt" in text
+    copies = [line.split() for line in text.splitlines()
+              if line.split()[:1] == ["COPY"] and not any(p.startswith("--from") for p in line.split())]
+    for parts in copies:
+        for source in parts[1:-1]:
+            if source.startswith("--") or source == ".":
+                continue
+            assert list(REPO.glob(source.rstrip("/"))), f"{DOCKERFILE}: COPY {source}: no such file"
+            assert not docker_ignored(source), f"{DOCKERFILE}: COPY {source}: excluded by .dockerignore"
+    # Every package is picked up without being named (new top-level packages included).
+    assert any(parts[1:-1] == ["."] for parts in copies), f"{DOCKERFILE}: no stage copies the context whole"
+    packages = installed_package_dirs()
+    assert {"models", "storage", "services", "proto/iat"} <= packages, packages
+    needed = packages | {"pyproject.toml", "constraints.txt", "README.md", "deploy/seed.py"}
+    for svc in image_services().values():  # what the compose services run is in the image
+        needed |= {arg for arg in svc["command"] if "/" in arg and (REPO / arg).is_file()}
+    assert {"deploy/jobs/train-export.sh", "deploy/jobs/seed.sh"} <= needed
+    for path in sorted(needed):
+        assert (REPO / path).exists() and not docker_ignored(path), f"{path}: not in the build context"
+    for path in ("tests", "data", ".venv", ".git", "runs", "services/__pycache__"):
+        assert docker_ignored(path), f"{path}: should stay out of the build context"
+    assert "torch==2.13.0" in text and "download.pytorch.org/whl/cpu" in text
+    assert re.search(r"pip install -c \S*constraints\.txt", text)
+
+
+def test_docker_ignored_reads_the_patterns():
+    # The checker itself must be able to say no.
+    assert docker_ignored("tests/deploy/test_compose_up.py") and docker_ignored("storage/__pycache__/x.pyc")
+    assert not docker_ignored("storage/codecs.py") and not docker_ignored("deploy/wheels/README.md")
+
+
+# --- no image registry: the local images ------------------------------------------------------
+
+LOCAL = interpolate(load_yaml(REPO / "deploy" / "compose.local.yml")[0], COMPOSE_ENV)
+
+
+def test_local_override_maps_every_registry_image_to_a_local_build():
+    stages = set(re.findall(r"^FROM \S+ AS (\w+)", (REPO / "deploy/local/Dockerfile").read_text(), re.M))
+    built = re.search(r"for stage in ([\w ]+); do", (REPO / "deploy/local-images.sh").read_text()).group(1).split()
+    assert set(built) == stages == {"python", "redis", "prometheus"}
+    assert set(LOCAL["services"]) <= set(COMPOSE["services"])
+    for name, svc in COMPOSE["services"].items():
+        local = LOCAL["services"].get(name, {})
+        if name in image_services():
+            assert local["build"]["args"]["BASE_IMAGE"] == "iat-local/python", name
+            assert "ARG BASE_IMAGE=" in (REPO / DOCKERFILE).read_text()
+        elif name == "grafana":  # no Debian package: kept out of the default profile
+            assert local.get("profiles"), "grafana needs a profile in compose.local.yml"
+        else:
+            image = local.get("image", "")
+            assert image.startswith("iat-local/") and image.split("/", 1)[1] in stages, f"{name}: {image!r}"
+            assert local.get("pull_policy") == "never", name
+
+
+def test_local_images_script_commits_no_host_names():
+    # The mirror, the certificate bundle and pip's index come from the machine at build time.
+    for path in ("deploy/local-images.sh", "deploy/local/Dockerfile", "deploy/compose.local.yml"):
+        text = (REPO / path).read_text()
+        hosts = re.findall(r"https?://[\w.-]+", text)
+        assert not hosts, f"{path} names {hosts}"
+    ignored = (REPO / "deploy" / ".gitignore").read_text()
+    assert "/wheels/*" in ignored
 
 
 # --- Kubernetes -------------------------------------------------------------------------
@@ -460,6 +593,77 @@ def test_k8s_every_service_deployed_and_ranking_autoscaled():
     assert "redis-cluster" in (K8S_DIR / "README.md").read_text()
 
 
+def kubernetes_version_named_in_readme() -> str:
+    """The Kubernetes version the README's deployment section says the manifests are for."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Deployment", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"Kubernetes (\d+\.\d+)\b", section)
+    assert match, "README's Deployment section names no Kubernetes version"
+    return match.group(1)
+
+
+def k8s_resources() -> list[tuple[str, dict]]:
+    """Every object `kubectl apply -k deploy/k8s` sends, with its file."""
+    kustomization = load_yaml(K8S_DIR / "kustomization.yaml")[0]
+    return [(name, doc) for name in kustomization["resources"] for doc in load_yaml(K8S_DIR / name)]
+
+
+def test_k8s_manifests_validate_against_the_named_kubernetes_schemas():
+    import kubernetes_validate
+
+    named = kubernetes_version_named_in_readme()
+    # The named version (what we promise) and the newest the pinned package ships (what is coming).
+    latest = ".".join(kubernetes_validate.latest_version().split(".")[:2])
+    versions = sorted({named, latest})
+    resources = k8s_resources()
+    assert {doc["kind"] for _, doc in resources} >= {"Deployment", "Service", "HorizontalPodAutoscaler",
+                                                    "ConfigMap", "Secret", "PersistentVolumeClaim"}
+    for name, doc in resources:
+        for version in versions:
+            try:
+                # strict: a misspelt field (livenesProbe) is an error, not silently ignored
+                used = kubernetes_validate.validate(doc, version, strict=True)
+            except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError) as exc:
+                pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']} is not valid Kubernetes {version}: {exc}")
+            assert used == version, f"kubernetes-validate has no schemas for {version} (used {used})"
+
+
+def test_k8s_validation_rejects_a_broken_manifest():
+    import kubernetes_validate
+
+    deployment = json.loads(json.dumps(DEPLOYMENTS["iat-ranking"]))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["livenesProbe"] = container.pop("livenessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_version_named_in_readme(), strict=True)
+    container["livenessProbe"] = container.pop("livenesProbe")
+    container["resources"]["limits"]["cpu"] = ["2"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_version_named_in_readme(), strict=True)
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes resource quantity as a number (cpu: cores, memory: bytes)."""
+    units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value))
+    assert match and (match.group(2) in units or not match.group(2)), f"not a quantity: {value!r}"
+    return float(match.group(1)) * units.get(match.group(2), 1)
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_k8s_containers_have_cpu_and_memory_limits_and_distinct_probes(name):
+    for container in DEPLOYMENTS[name]["spec"]["template"]["spec"]["containers"]:
+        resources = container["resources"]
+        for resource in ("cpu", "memory"):
+            assert resource in resources["limits"], f"{name}: no {resource} limit"
+            assert resource in resources["requests"], f"{name}: no {resource} request"
+            assert quantity(resources["requests"][resource]) <= quantity(resources["limits"][resource]), name
+        # Liveness restarts a stuck process; readiness only takes it out of the Service while its
+        # store or model is not there. The same check for both would restart pods for a Redis outage.
+        live, ready = container["livenessProbe"]["httpGet"]["path"], container["readinessProbe"]["httpGet"]["path"]
+        assert (live, ready) == ("/healthz", "/readyz"), name
+
+
 # --- the seed job's data ----------------------------------------------------------------
 
 def test_seed_instances_are_valid_requests_with_the_loaders_ins_ids(tmp_path):
@@ -512,3 +716,65 @@ def test_bearer_token_is_on_in_compose_and_k8s_and_the_clients_send_it():
         (var,) = [v for v in container.get("env", []) if v["name"] == "IAT_API_TOKEN"]
         ref = var["valueFrom"]["secretKeyRef"]
         assert ref["key"] == "bearer-token" and ref["key"] in secrets[ref["name"]], name
+
+
+# --- exposure: nothing published beyond this machine, no default token (issue 14, item 9) ------
+
+def published_ports(compose: dict) -> list[tuple[str, str, str]]:
+    """(service, host address, container port) of every published port; '' = every interface."""
+    ports = []
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            if isinstance(port, dict):  # long syntax
+                ports.append((name, port.get("host_ip", ""), str(port["target"])))
+            else:  # [HOST:][PUBLISHED:]TARGET
+                parts = str(port).rsplit(":", 2)
+                ports.append((name, parts[0] if len(parts) == 3 else "", parts[-1]))
+    return ports
+
+
+def test_compose_publishes_ports_on_loopback_unless_told_otherwise():
+    default = published_ports(interpolate(RAW_COMPOSE, COMPOSE_ENV))
+    assert len(default) >= 7, default  # ranking x2, source, sequencer, prometheus, grafana, locust
+    wide_open = [p for p in default if p[1] != "127.0.0.1"]
+    assert not wide_open, f"published beyond loopback by default: {wide_open}"
+    told = published_ports(interpolate(RAW_COMPOSE, COMPOSE_ENV | {"IAT_BIND": "0.0.0.0"}))
+    assert {host for _, host, _ in told} == {"0.0.0.0"}, told
+
+
+def test_compose_has_no_default_bearer_token():
+    for env in ({}, {"IAT_API_TOKEN": ""}):  # unset, or set to nothing (Settings reads "" as no token)
+        with pytest.raises(InterpolationError, match="IAT_API_TOKEN"):
+            interpolate(RAW_COMPOSE, env)
+    composed = interpolate(RAW_COMPOSE, {"IAT_API_TOKEN": "from-the-shell"})
+    for name in [*SERVED, "seed", "locust"]:
+        assert settings_with(composed["services"][name]["environment"]).token == "from-the-shell", name
+
+
+def test_interpolate_follows_compose():
+    env = {"SET": "x", "EMPTY": ""}
+    assert interpolate("$$SET ${SET} $SET ${UNSET:-d} ${EMPTY:-d} ${EMPTY-d} ${SET:+a} ${UNSET+a}", env) == "$SET x x d d  a "
+    with pytest.raises(InterpolationError):
+        interpolate("${EMPTY:?say why}", env)
+    assert interpolate("${EMPTY?fine}", env) == ""
+
+
+def test_docker_compose_resolves_the_file_the_same_way():
+    """Where compose v2 is installed (the compose test installs it), it agrees with the checks above."""
+    if shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"],
+                                                        capture_output=True).returncode != 0:
+        pytest.skip("docker compose v2 is not installed here (tests/deploy/test_compose_up.py installs it)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IAT_", "DEMO_", "COMPOSE_"))}
+    command = ["docker", "compose", "-f", "docker-compose.yml", "config"]
+    refused = subprocess.run([*command, "-q"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "IAT_API_TOKEN" in refused.stderr, refused
+    done = subprocess.run([*command, "--format", "json"], cwd=REPO, env=env | COMPOSE_ENV,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    config = json.loads(done.stdout)
+    for name, svc in config["services"].items():
+        for port in svc.get("ports", []):
+            assert port["host_ip"] == "127.0.0.1", (name, port)
+        if name in image_services():
+            ours = {k: str(v) for k, v in COMPOSE["services"][name]["environment"].items()}
+            assert svc["environment"] == ours, name
