@@ -5,6 +5,9 @@ clients read one field path instead: ``instances[3].timestamp_ms``.
 """
 from __future__ import annotations
 
+import logging
+
+import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -20,6 +23,24 @@ def field_path(loc) -> str:
 
 def error_body(code: str, field: str | None, message: str) -> dict:
     return {"error": code, "field": field, "message": f"{field}: {message}" if field else message}
+
+
+log = logging.getLogger(__name__)
+
+
+def unavailable(message: str, retry_after_s: int, field: str | None = None) -> JSONResponse:
+    """503 + Retry-After in the one error shape: what clients retry on (ingest is idempotent)."""
+    return JSONResponse(error_body("UNAVAILABLE", field, message), status_code=503,
+                        headers={"Retry-After": str(retry_after_s)})
+
+
+def install_store_error_handler(app: FastAPI, retry_after_s: int) -> None:
+    """Any store error a route lets through (connection, timeout, OOM, READONLY, ...): JSON 503."""
+
+    @app.exception_handler(redis.exceptions.RedisError)
+    async def _store(_: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
+        log.warning("store error: %s: %s", type(exc).__name__, exc)
+        return unavailable(f"the store failed: {type(exc).__name__}", retry_after_s)
 
 
 def install_error_handlers(app: FastAPI) -> None:

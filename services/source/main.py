@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import numpy as np
-import redis.exceptions
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -19,8 +18,8 @@ from fastapi.responses import JSONResponse
 from models.serving import latest_version, load_source_model
 from services import metrics
 from services.config import Settings
-from services.health import health_router
-from services.http_errors import error_body, install_error_handlers
+from services.health import STORE_ERRORS, WorkerLiveness, health_router
+from services.http_errors import error_body, install_error_handlers, install_store_error_handler, unavailable
 from services.security import RequestGuard
 from services.source.batcher import MicroBatcher
 from services.source.raw_stream import RawInstanceConsumer
@@ -28,12 +27,13 @@ from services.source.ingest import Ingestor
 from services.source.protocol import IngestRejected, IngestRequest, IngestResponse, validate_against_model
 from storage.connection import connect
 from storage.instance_store import InstanceStore
-from storage.stream import InstanceStream
+from storage.stream import InstanceStream, StreamBacklogFull
 
 log = logging.getLogger(__name__)
 SOURCE_MODEL_NAME = "source"
-# The store is down or too slow (IAT_REDIS_TIMEOUT_S): 503, the client retries; ingest is idempotent.
-STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, OSError)
+# Any store failure -- down, too slow (IAT_REDIS_TIMEOUT_S), out of memory, read-only replica --
+# is a 503 with Retry-After (services.health.STORE_ERRORS): the client retries, ingest is
+# idempotent, and the transactional write left nothing half done.
 
 
 class SourceService:
@@ -53,13 +53,16 @@ class SourceService:
             retention_days=settings.retention_days, max_sequence_length=settings.max_sequence_length,
             code_length=self.model.code_length, code_dtype=code_dtype,
         )
-        self.stream = InstanceStream(self.client, prefix=settings.key_prefix, maxlen=settings.stream_maxlen)
+        self.stream = InstanceStream(self.client, prefix=settings.key_prefix, max_backlog=settings.stream_max_backlog)
         self.ingestor = Ingestor(self.model, self.store, self.stream)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
         self.batcher = MicroBatcher(
             self.ingestor.ingest, self.executor, max_batch=settings.ingest_max_batch,
             max_wait_s=settings.ingest_max_wait_ms / 1000.0, on_batch=metrics.INGEST_BATCH_SIZE.observe,
         )
+        # What /healthz watches: the batcher's task (it has no passes while idle: dead check
+        # only) and, when configured, the raw-stream consumer (added at start-up).
+        self.liveness = [WorkerLiveness("ingest-batcher", None, lambda: self.batcher.running)]
 
     async def ingest(self, request: IngestRequest) -> IngestResponse:
         validate_against_model(request.instances, self.model.featurizer, self.model.tasks,
@@ -76,6 +79,8 @@ class SourceService:
                 name = self.settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
                 self.raw_consumer = RawInstanceConsumer(self, self.settings.raw_stream, "source", name)
                 consumer = asyncio.create_task(self.raw_consumer.run())
+                self.raw_consumer.liveness.is_alive = lambda: not consumer.done()
+                self.liveness.append(self.raw_consumer.liveness)
             gc.collect()
             gc.freeze()  # the loaded model and start-up objects stay out of GC passes
             yield
@@ -94,7 +99,8 @@ class SourceService:
         app = FastAPI(title="iat source", version="1", lifespan=lifespan,
                       description="Turns instances into InsEmbs and SIF codes, stores them, streams them.")
         install_error_handlers(app)
-        app.include_router(health_router({"store": store_ok, "model": model_ok}))
+        install_store_error_handler(app, retry_after_s=self.settings.retry_after_s)
+        app.include_router(health_router({"store": store_ok, "model": model_ok}, self.liveness))
         app.add_middleware(RequestGuard, token=self.settings.token, max_body_bytes=self.settings.max_body_bytes)
 
         @app.post("/v1/instances", response_model=IngestResponse)
@@ -105,11 +111,15 @@ class SourceService:
             except IngestRejected as err:
                 metrics.INSTANCES.labels("rejected").inc(len(body.instances))
                 return JSONResponse(error_body("INVALID_ARGUMENT", err.field, err.message), status_code=422)
+            except StreamBacklogFull as exc:
+                metrics.INSTANCES.labels("backpressure").inc(len(body.instances))
+                log.warning("ingest: %s", exc)
+                return unavailable(str(exc), self.settings.retry_after_s)
             except STORE_ERRORS as exc:
                 metrics.INSTANCES.labels("unavailable").inc(len(body.instances))
-                log.warning("ingest: store unavailable: %s: %s", type(exc).__name__, exc)
-                return JSONResponse(error_body("UNAVAILABLE", None, f"the store cannot be reached: {type(exc).__name__}"),
-                                    status_code=503, headers={"Retry-After": "1"})
+                log.warning("ingest: store failed: %s: %s", type(exc).__name__, exc)
+                return unavailable(f"the store failed: {type(exc).__name__}; retry (ingest is idempotent)",
+                                   self.settings.retry_after_s)
             metrics.INSTANCES.labels("accepted").inc(response.accepted)
             metrics.INGEST_LATENCY.observe(time.perf_counter() - start)
             return response
