@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     # MAXLEN that dropped entries the sequencer had not read).
     stream_max_backlog: int = Field(
         default=1_000_000, gt=0,
-        validation_alias=AliasChoices("stream_max_backlog", "IAT_STREAM_MAX_BACKLOG", "IAT_STREAM_MAXLEN"),
+        validation_alias=AliasChoices("IAT_STREAM_MAX_BACKLOG", "IAT_STREAM_MAXLEN"),
         description="instance-stream entries at which ingest answers 503 (backpressure)",
     )
     stream_trim_interval_s: float = Field(default=1.0, gt=0, description="sequencer: XTRIM MINID behind the groups this often")

@@ -33,6 +33,8 @@ from storage.records import InvalidRecord, validate_ins_id, validate_timestamp, 
 
 log = logging.getLogger(__name__)
 LABEL_PREFIX = "label:"
+# How many entries follow an id (exclusive "(id" syntax), at most ARGV[2].
+COUNT_AFTER_LUA = "return #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])"
 
 
 class StreamBacklogFull(Exception):
@@ -143,6 +145,7 @@ class InstanceStream:
         # on_dropped(reason, n): entries acked without being sequenced, reason "malformed" or
         # "deleted_while_pending" (the services count them in a metric; storage knows none).
         self.on_dropped = on_dropped
+        self._count_after = None  # redis-py Script: EVALSHA, loaded again after NOSCRIPT
 
     def publish(self, events: Sequence, pipe=None) -> list[str]:
         """XADD each event (InstanceEvent, InstanceRecord or alike); all validated first. Entry ids.
@@ -250,9 +253,9 @@ class InstanceStream:
     def lag(self, cap: int = 10_000) -> int:
         """Entries not yet delivered to the group, counted up to ``cap``.
 
-        Redis 7 reports the group's ``lag`` itself; Redis 6.2 has no such field, so this counts
-        the entries after the group's last-delivered id with one bounded XRANGE; a value of
-        ``cap`` means "at least cap".
+        Redis 7 reports the group's ``lag`` itself; Redis 6.2 has no such field, so a script
+        counts the entries after the group's last-delivered id with one bounded XRANGE on the
+        server (only the count crosses the network); a value of ``cap`` means "at least cap".
         """
         group = self._group_info()
         if group is None:
@@ -261,7 +264,9 @@ class InstanceStream:
         if lag is not None:
             return int(lag)
         last = _info(group, "last-delivered-id")
-        return len(self.client.xrange(self.key, f"({last}", "+", count=cap))
+        if self._count_after is None:
+            self._count_after = self.client.register_script(COUNT_AFTER_LUA)
+        return int(self._count_after(keys=[self.key], args=[f"({last}", int(cap)]))
 
     def trim_acknowledged(self) -> TrimResult:
         """XTRIM MINID up to the oldest entry that some group still needs (undelivered or pending).

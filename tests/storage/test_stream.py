@@ -76,7 +76,9 @@ def test_trim_removes_only_what_every_group_acknowledged(client):
     stream.ensure_group()
     other = InstanceStream(client, group="audit")
     other.ensure_group()
+    assert stream.lag() == 10
     first = stream.read("c", count=6)
+    assert stream.lag() == 4 and stream.lag(cap=3) == 3
     stream.ack([e.entry_id for e in first[:2]] + [first[4].entry_id])  # entries 2, 3, 5 stay pending
     assert stream.trim_acknowledged().trimmed == 0  # "audit" has read nothing yet
     audit = other.read("a", count=10)
