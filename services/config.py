@@ -62,7 +62,8 @@ class Settings(BaseSettings):
 
     # Background workers (sequencer consumers, the source's raw-stream consumer): a failed pass
     # is retried after base * 2**failures seconds, at most cap; /healthz fails when one is dead,
-    # or has had no pass end, or no pass succeed (store unreachable aside), for worker_stall_s.
+    # or has had no pass end, or no pass succeed, for worker_stall_s (an unreachable store or a
+    # full stream backlog aside: a restart cannot cure those).
     worker_backoff_base_s: float = Field(default=0.05, gt=0)
     worker_backoff_cap_s: float = Field(default=5.0, gt=0)
     worker_stall_s: float = Field(default=300.0, gt=0, description="liveness: a worker without progress this long fails /healthz")

@@ -28,13 +28,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.backoff import AbstractBackoff, ExponentialBackoff
 
 from services import metrics as service_metrics
+from storage.stream import StreamBacklogFull
 
 log = logging.getLogger(__name__)
 
 # A readiness check returns (ok, detail); the service is ready when every check is ok.
 ReadinessCheck = Callable[[], Awaitable[tuple[bool, str]]]
-# Errors that mean "the store cannot be reached": the worker waits for it and stays live.
-UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# Errors that mean waiting on something outside this process -- the store cannot be reached, or
+# the instance stream is full until the sequencer catches up: a restart cannot help, so a worker
+# failing with these stays live (readiness and the backlog metrics tell the rest).
+WAITING = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, StreamBacklogFull)
 STORE_ERRORS = (redis.exceptions.RedisError, OSError)
 
 
@@ -43,8 +46,9 @@ class WorkerLiveness:
 
     - dead: its thread or task has ended (``is_alive`` is set by whoever starts it);
     - hung: no pass has ended, with or without an error, for ``stall_s`` (blocked in a call);
-    - stalled: its passes keep failing with an error other than "store unreachable" (OOM,
-      READONLY after a failover, a bug) and none has succeeded for ``stall_s``. A failing pass
+    - stalled: its passes keep failing with an error other than waiting (store unreachable,
+      stream backlog full): OOM, READONLY after a failover, a bug; and none has succeeded for
+      ``stall_s``. A failing pass
       had work waiting (an idle worker's pass is a read that succeeds), so this is "no progress
       while there is a backlog". READONLY is cured by a restart (it reconnects to the new
       primary); the others at least become loud.
@@ -59,18 +63,18 @@ class WorkerLiveness:
         self.last_turn = now
         self.last_success = now
         self.last_error: str | None = None
-        self.store_unreachable = False
+        self.waiting = False
 
     def succeeded(self) -> None:
         now = time.monotonic()
         self.last_turn = self.last_success = now
         self.last_error = None
-        self.store_unreachable = False
+        self.waiting = False
 
     def failed(self, exc: BaseException) -> None:
         self.last_turn = time.monotonic()
         self.last_error = f"{type(exc).__name__}: {exc}"
-        self.store_unreachable = isinstance(exc, UNREACHABLE)
+        self.waiting = isinstance(exc, WAITING)
 
     def verdict(self) -> tuple[bool, str]:
         if not self.is_alive():
@@ -82,8 +86,8 @@ class WorkerLiveness:
             return False, f"hung: no pass has ended for {now - self.last_turn:.0f}s (limit {self.stall_s:g}s)"
         if self.last_error is None:
             return True, "running"
-        if self.store_unreachable:
-            return True, f"waiting for the store ({self.last_error}); see /readyz"
+        if self.waiting:
+            return True, f"waiting ({self.last_error}); see /readyz and the stream metrics"
         since = now - self.last_success
         if since > self.stall_s:
             return False, (f"stalled: no pass has succeeded for {since:.0f}s (limit {self.stall_s:g}s), "
