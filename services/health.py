@@ -47,18 +47,17 @@ class WorkerLiveness:
     - dead: its thread or task has ended (``is_alive`` is set by whoever starts it);
     - hung: no pass has ended, with or without an error, for ``stall_s`` (blocked in a call);
     - stalled: its passes keep failing with an error other than waiting (store unreachable,
-      stream backlog full): OOM, READONLY after a failover, a bug; and none has succeeded for
-      ``stall_s``. A failing pass
-      had work waiting (an idle worker's pass is a read that succeeds), so this is "no progress
-      while there is a backlog". READONLY is cured by a restart (it reconnects to the new
-      primary); the others at least become loud.
+      stream backlog full) -- OOM, READONLY after a failover, a bug -- and none has succeeded
+      for ``stall_s``. A failing pass had work waiting (an idle worker's pass is a read that
+      succeeds), so this is "no progress while there is a backlog". READONLY is cured by a
+      restart (it reconnects to the new primary); the others at least become loud.
     ``stall_s=None``: only the dead check (a worker that has no passes while idle).
     """
 
     def __init__(self, name: str, stall_s: float | None, is_alive: Callable[[], bool] | None = None) -> None:
         self.name = name
         self.stall_s = stall_s
-        self.is_alive: Callable[[], bool] = is_alive or (lambda: False)
+        self.is_alive: Callable[[], bool] | None = is_alive  # None: not started yet
         now = time.monotonic()
         self.last_turn = now
         self.last_success = now
@@ -77,6 +76,8 @@ class WorkerLiveness:
         self.waiting = isinstance(exc, WAITING)
 
     def verdict(self) -> tuple[bool, str]:
+        if self.is_alive is None:
+            return False, "not started"
         if not self.is_alive():
             return False, "dead" + (f" (last error {self.last_error})" if self.last_error else "")
         if self.stall_s is None:
@@ -102,8 +103,8 @@ def worker_backoff(base_s: float, cap_s: float) -> AbstractBackoff:
 def _failed(liveness: WorkerLiveness, role: str, exc: Exception, failures: int, delay: float) -> None:
     liveness.failed(exc)
     service_metrics.WORKER_ERRORS.labels(role, type(exc).__name__).inc()
-    if isinstance(exc, STORE_ERRORS):
-        log.warning("%s: store error %s: %s (failure %d in a row); retrying in %.2fs",
+    if isinstance(exc, STORE_ERRORS + WAITING):
+        log.warning("%s: %s: %s (failure %d in a row); retrying in %.2fs",
                     liveness.name, type(exc).__name__, exc, failures, delay)
     else:  # not a store error: a bug or bad data; the traceback is what a developer needs
         log.error("%s: %s (failure %d in a row); retrying in %.2fs", liveness.name, type(exc).__name__,
