@@ -31,9 +31,6 @@ from storage.stream import InstanceStream, StreamBacklogFull
 
 log = logging.getLogger(__name__)
 SOURCE_MODEL_NAME = "source"
-# Any store failure -- down, too slow (IAT_REDIS_TIMEOUT_S), out of memory, read-only replica --
-# is a 503 with Retry-After (services.health.STORE_ERRORS): the client retries, ingest is
-# idempotent, and the transactional write left nothing half done.
 
 
 class SourceService:
@@ -116,6 +113,9 @@ class SourceService:
                 log.warning("ingest: %s", exc)
                 return unavailable(str(exc), self.settings.retry_after_s)
             except STORE_ERRORS as exc:
+                # Any store failure -- down, too slow (IAT_REDIS_TIMEOUT_S), out of memory, a
+                # read-only replica: the client retries; ingest is idempotent and its
+                # transactional write left nothing half done.
                 metrics.INSTANCES.labels("unavailable").inc(len(body.instances))
                 log.warning("ingest: store failed: %s: %s", type(exc).__name__, exc)
                 return unavailable(f"the store failed: {type(exc).__name__}; retry (ingest is idempotent)",
