@@ -123,7 +123,7 @@ def run_supervised(step: Callable[[], object], stop: threading.Event, liveness: 
     while not stop.is_set():
         try:
             step()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- any failure of a pass is retried; the thread must not end
             failures += 1
             delay = backoff.compute(failures)
             _failed(liveness, role, exc, failures, delay)
@@ -143,7 +143,7 @@ async def run_supervised_async(step: Callable[[], Awaitable[object]], liveness: 
     while True:
         try:
             await step()
-        except Exception as exc:  # CancelledError is a BaseException: cancellation still ends it
+        except Exception as exc:  # noqa: BLE001 -- CancelledError is a BaseException: cancelling still ends it
             failures += 1
             delay = backoff.compute(failures)
             _failed(liveness, role, exc, failures, delay)

@@ -28,7 +28,12 @@ from storage.connection import EmbeddedRedis, connect
 from storage.stream import InstanceStream
 from tests.reliability.test_faults import _post_with_retries
 from tests.services.test_sequencer import LMAX, _assert_sequences, _events
-from tests.services.test_source_e2e import _assert_store_holds_exactly, _env, _post, _wait_sequenced
+from tests.services.test_source_e2e import (
+    _assert_store_holds_exactly,
+    _env,
+    _post,
+    _wait_sequenced,
+)
 
 pytestmark = pytest.mark.slow
 RAW = "iat:raw-instances"
@@ -162,7 +167,7 @@ def test_raw_stream_consumer_survives_oom(movielens_models, instances, own_redis
         client.xadd(RAW, {"instance": json.dumps(inst)})
     source = start_service(["serve", "source"], env=_env(
         server.url, movielens_models.model_dir, IAT_RAW_STREAM=RAW, IAT_WORKER_STALL_S=str(STALL_S)))
-    records = lambda: sum(1 for _ in client.scan_iter(match="iat:ins:*", count=5000))  # noqa: E731
+    records = lambda: sum(1 for _ in client.scan_iter(match="iat:ins:*", count=5000))
     _wait_for("the first 100 ingested", lambda: records() == 100)
 
     pipe = client.pipeline(transaction=True)  # the next raw entries and the OOM at once
