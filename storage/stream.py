@@ -23,8 +23,8 @@ On a cluster the stream is one key, so it lives on one shard (its hash tag is th
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import redis
 import redis.exceptions
