@@ -22,7 +22,16 @@ class Settings(BaseSettings):
     key_prefix: str = "iat"
     retention_days: float = Field(default=30.0, gt=0)
     max_sequence_length: int = Field(default=1024, gt=0, description="Lmax kept per user")
-    stream_maxlen: int = Field(default=1_000_000, gt=0)
+    # The instance stream is never trimmed ahead of its consumer groups; at this many entries
+    # the source answers 503 + Retry-After instead (IAT_STREAM_MAXLEN, its old name, was a
+    # MAXLEN that dropped entries the sequencer had not read).
+    stream_max_backlog: int = Field(
+        default=1_000_000, gt=0,
+        validation_alias=AliasChoices("IAT_STREAM_MAX_BACKLOG", "IAT_STREAM_MAXLEN"),
+        description="instance-stream entries at which ingest answers 503 (backpressure)",
+    )
+    stream_trim_interval_s: float = Field(default=1.0, gt=0, description="sequencer: XTRIM MINID behind the groups this often")
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After of the 503s of store errors and backpressure")
 
     # Models and data.
     model_dir: Path = Path("artifacts/models")
@@ -50,6 +59,14 @@ class Settings(BaseSettings):
     sequencer_batch_size: int = Field(default=512, gt=0)
     claim_idle_ms: int = Field(default=30_000, ge=0, description="pending this long: consumer presumed dead")
     consumer_name: str | None = None
+
+    # Background workers (sequencer consumers, the source's raw-stream consumer): a failed pass
+    # is retried after base * 2**failures seconds, at most cap; /healthz fails when one is dead,
+    # or has had no pass end, or no pass succeed, for worker_stall_s (an unreachable store or a
+    # full stream backlog aside: a restart cannot cure those).
+    worker_backoff_base_s: float = Field(default=0.05, gt=0)
+    worker_backoff_cap_s: float = Field(default=5.0, gt=0)
+    worker_stall_s: float = Field(default=300.0, gt=0, description="liveness: a worker without progress this long fails /healthz")
 
     # Network. Loopback unless told otherwise.
     host: str = "127.0.0.1"

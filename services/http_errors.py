@@ -7,12 +7,15 @@ handlers so that no 4xx has another shape.
 """
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from storage.errors import STORE_ERRORS, describe
 
 # Codes as gRPC names them (ScoreError uses the same), for the HTTP errors FastAPI raises itself.
 _CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
@@ -41,6 +44,26 @@ def _malformed_json(error: dict) -> JSONResponse:
     reason = (error.get("ctx") or {}).get("error") or error.get("msg", "JSON decode error")
     where = f" at position {position}" if position is not None else ""
     return JSONResponse(error_body("INVALID_ARGUMENT", "body", f"malformed JSON: {reason}{where}"), status_code=400)
+
+
+log = logging.getLogger(__name__)
+
+
+def unavailable(message: str, retry_after_s: int, field: str | None = None) -> JSONResponse:
+    """503 + Retry-After in the one error shape: what clients retry on (ingest is idempotent)."""
+    return JSONResponse(error_body("UNAVAILABLE", field, message), status_code=503,
+                        headers={"Retry-After": str(retry_after_s)})
+
+
+def install_store_error_handler(app: FastAPI, retry_after_s: int) -> None:
+    """Any store error a route lets through (connection, timeout, OOM, READONLY, ...): JSON 503."""
+
+    async def _store(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("store error: %s", describe(exc))
+        return unavailable(f"the store failed: {type(exc).__name__}", retry_after_s)
+
+    for error in STORE_ERRORS:  # one classification (storage.errors) for every service
+        app.add_exception_handler(error, _store)
 
 
 def install_error_handlers(app: FastAPI) -> None:

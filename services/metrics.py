@@ -50,7 +50,9 @@ INGEST_LATENCY = Histogram(
     "iat_source_ingest_seconds", "POST /v1/instances latency", buckets=LATENCY_BUCKETS,
 )
 INSTANCES = Counter(
-    "iat_source_instances_total", "Instances by outcome (accepted, rejected)", ["outcome"],
+    "iat_source_instances_total",
+    "Instances by outcome (accepted, rejected, unavailable: a store error, backpressure: the stream's backlog is full)",
+    ["outcome"],
 )
 INGEST_BATCH_SIZE = Histogram(
     "iat_source_batch_size", "Instances per model forward after coalescing", buckets=SIZE_BUCKETS,
@@ -65,4 +67,26 @@ SEQUENCER_REDELIVERIES = Counter(
 )
 STREAM_LAG = Gauge(
     "iat_stream_lag", "Entries in the stream not yet delivered to the consumer group",
+)
+STREAM_LENGTH = Gauge(
+    "iat_stream_length", "Entries in the instance stream (what the backlog bound applies to)",
+)
+STREAM_PENDING = Gauge(
+    "iat_stream_pending", "Entries delivered to the consumer group and not yet acknowledged",
+)
+STREAM_TRIMMED = Counter(
+    "iat_stream_trimmed_total", "Acknowledged entries removed from the stream (XTRIM MINID behind the groups)",
+)
+STREAM_DROPPED = Counter(
+    "iat_stream_dropped_total",
+    "Entries acked without being sequenced: malformed, or deleted_while_pending (trimmed by another writer: "
+    "their instances are lost to the sequences)",
+    ["reason"],
+)
+
+# --- every service's background workers ------------------------------------------------
+WORKER_ERRORS = Counter(
+    "iat_worker_errors_total",
+    "Failed passes of a background worker by worker role and error class; each is retried after a backoff",
+    ["worker", "error"],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from contract.layout import RecordLayout
+from services import metrics
 from services.config import Settings
 from storage.connection import connect, connect_async
 from storage.instance_store import AsyncInstanceStore, InstanceStore
@@ -44,4 +45,6 @@ def async_instance_store(client, settings: Settings, layout: RecordLayout) -> As
 
 
 def instance_stream(client, settings: Settings) -> InstanceStream:
-    return InstanceStream(client, prefix=settings.key_prefix, maxlen=settings.stream_maxlen)
+    """The instance stream, bounded by its backlog (503 past it), never trimmed past its groups."""
+    return InstanceStream(client, prefix=settings.key_prefix, max_backlog=settings.stream_max_backlog,
+                          on_dropped=lambda reason, n: metrics.STREAM_DROPPED.labels(reason).inc(n))

@@ -153,15 +153,22 @@ class InstanceStore(_StoreBase):
 
     # ---- writes ----------------------------------------------------------------------------
 
-    def write_records(self, records: Sequence[InstanceRecord]) -> None:
-        """Validate and encode all, then SET each (with TTL) in one pipeline. Idempotent."""
+    def write_records(self, records: Sequence[InstanceRecord], pipe=None) -> None:
+        """Validate and encode all, then SET each (with TTL) in one pipeline. Idempotent.
+
+        With ``pipe`` the SETs are only queued on it (e.g. a MULTI/EXEC transaction that also
+        publishes the stream entries); the caller executes it.
+        """
         values = self.layout.encode(records)  # raises InvalidRecord before anything is written
         if not values:
             return
-        pipe = self.client.pipeline(transaction=False)
+        own = pipe is None
+        if own:
+            pipe = self.client.pipeline(transaction=False)
         for record, value in zip(records, values):
             pipe.set(self.record_key(record.user_id, record.ins_id), value, px=self.retention_ms)
-        pipe.execute()
+        if own:
+            pipe.execute()
 
     def append_to_sequences(self, entries: Sequence[tuple[str, int, int]]) -> None:
         """ZADD (user_id, ins_id, ts_ms) entries, trim each user to the newest Lmax. Idempotent."""

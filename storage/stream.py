@@ -1,19 +1,30 @@
-"""The instance stream: source service -> sequencer, at least once.
+"""The instance stream: source service -> sequencer, at least once, never trimmed ahead of its readers.
 
-A Redis Stream ``{prefix}:stream:{name}`` capped with an approximate MAXLEN (``~``: Redis trims
-whole macro nodes, which is much cheaper than an exact cap). Each entry carries what the
-sequencer needs to append to the user's sequence, plus side info:
+A Redis Stream ``{prefix}:stream:{name}``. Each entry carries what the sequencer needs to append
+to the user's sequence, plus side info:
   user_id, ins_id (decimal), timestamp_ms, item_hash, and one ``label:<task>`` field per label.
 The sequencer reads through a consumer group, writes the sequence, and only then ACKs; a crashed
 consumer's pending entries are taken over with XAUTOCLAIM. With idempotent sequence writes this
 gives exactly one sequence entry per instance.
 
+Entries leave the stream only once every consumer group has acknowledged them
+(:meth:`InstanceStream.trim_acknowledged`, ``XTRIM MINID`` up to the oldest entry still
+undelivered or pending in any group). There is no ``MAXLEN``: it trims by count whatever the
+groups have read, so a lagging sequencer silently lost entries. The stream is bounded instead by
+backpressure: :meth:`InstanceStream.check_backlog` refuses new entries once ``max_backlog`` are
+waiting, and the source answers 503 until the sequencer catches up.
+
+An entry deleted while still pending (trimmed by some other writer, e.g. a source of an older
+release still using MAXLEN) can no longer be sequenced: it is acked, counted in
+``deleted_pending`` and logged, never left pending for ever.
+
 On a cluster the stream is one key, so it lives on one shard (its hash tag is the stream name).
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import redis
 import redis.exceptions
@@ -25,7 +36,21 @@ from storage.records import (
     validate_user_id,
 )
 
+log = logging.getLogger(__name__)
 LABEL_PREFIX = "label:"
+# How many entries follow an id (exclusive "(id" syntax), at most ARGV[2].
+COUNT_AFTER_LUA = "return #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])"
+
+
+class StreamBacklogFull(Exception):
+    """The stream holds ``max_backlog`` entries or more: the consumers are behind, retry later."""
+
+    def __init__(self, length: int, max_backlog: int) -> None:
+        super().__init__(
+            f"the instance stream holds {length} entries, its bound is {max_backlog}: "
+            "the sequencer is behind or stopped; retry later")
+        self.length = length
+        self.max_backlog = max_backlog
 
 
 @dataclass
@@ -38,6 +63,14 @@ class InstanceEvent:
     labels: dict[str, int] = field(default_factory=dict)
     item_hash: int = 0
     entry_id: str | None = None
+
+
+@dataclass
+class TrimResult:
+    """What one :meth:`InstanceStream.trim_acknowledged` did."""
+
+    min_id: str | None  # entries below this id were removed; None: nothing could be trimmed
+    trimmed: int
 
 
 def _fields(event, index: int) -> dict[str, str]:
@@ -60,16 +93,39 @@ def _fields(event, index: int) -> dict[str, str]:
     return out
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _event(entry_id: bytes | str, fields: dict) -> InstanceEvent:
-    text = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in fields.items()}
+    text = {_text(k): _text(v) for k, v in fields.items()}
+    # The same checks as publish: an entry another writer XADDed must not reach the sequence
+    # write, where it would fail its whole batch on every redelivery.
     return InstanceEvent(
-        user_id=text["user_id"],
-        ins_id=int(text["ins_id"]),
-        timestamp_ms=int(text["timestamp_ms"]),
+        user_id=validate_user_id(text["user_id"]),
+        ins_id=validate_ins_id(int(text["ins_id"])),
+        timestamp_ms=validate_timestamp(int(text["timestamp_ms"])),
         item_hash=int(text.get("item_hash", 0)),
         labels={k[len(LABEL_PREFIX):]: int(v) for k, v in text.items() if k.startswith(LABEL_PREFIX)},
-        entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+        entry_id=_text(entry_id),
     )
+
+
+def _next_id(entry_id: str) -> str:
+    """The smallest stream id greater than ``entry_id`` (XTRIM MINID keeps ids >= its argument)."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+def _info(group: dict, name: str):
+    """A field of an XINFO GROUPS reply (str keys with RESP2, bytes with some parsers)."""
+    value = group.get(name, group.get(name.encode()))
+    return _text(value) if isinstance(value, bytes) else value
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class InstanceStream:
@@ -79,25 +135,51 @@ class InstanceStream:
         prefix: str = "iat",
         name: str = "instances",
         group: str = "sequencer",
-        maxlen: int = 1_000_000,
+        max_backlog: int = 1_000_000,
+        on_dropped: Callable[[str, int], None] | None = None,
     ) -> None:
-        if maxlen < 1:
-            raise ValueError(f"maxlen: must be >= 1, got {maxlen}")
+        if max_backlog < 1:
+            raise ValueError(f"max_backlog: must be >= 1, got {max_backlog}")
         self.client = client
         self.key = f"{prefix}:stream:{{{name}}}"
         self.group = group
-        self.maxlen = int(maxlen)
+        self.max_backlog = int(max_backlog)
         self.malformed = 0  # entries acked and dropped because they could not be parsed
+        self.deleted_pending = 0  # entries acked because they were deleted while pending
+        self.trimmed = 0  # acknowledged entries removed by trim_acknowledged
+        # on_dropped(reason, n): entries acked without being sequenced, reason "malformed" or
+        # "deleted_while_pending" (the services count them in a metric; storage knows none).
+        self.on_dropped = on_dropped
+        self._count_after = None  # redis-py Script: EVALSHA, loaded again after NOSCRIPT
 
-    def publish(self, events: Sequence) -> list[str]:
-        """XADD each event (InstanceEvent, InstanceRecord or alike); all validated first. Entry ids."""
+    def publish(self, events: Sequence, pipe=None) -> list[str]:
+        """XADD each event (InstanceEvent, InstanceRecord or alike); all validated first. Entry ids.
+
+        With ``pipe`` the XADDs are only queued on it (e.g. a MULTI/EXEC transaction that also
+        writes the records) and ``[]`` is returned: the caller executes the pipeline.
+        """
         payloads = [_fields(event, i) for i, event in enumerate(events)]
         if not payloads:
             return []
-        pipe = self.client.pipeline(transaction=False)
+        own = pipe is None
+        if own:
+            pipe = self.client.pipeline(transaction=False)
         for payload in payloads:
-            pipe.xadd(self.key, payload, maxlen=self.maxlen, approximate=True)
-        return [i.decode() if isinstance(i, bytes) else i for i in pipe.execute()]
+            pipe.xadd(self.key, payload)
+        if not own:
+            return []
+        return [_text(i) for i in pipe.execute()]
+
+    def check_backlog(self) -> int:
+        """The stream's length; raises :class:`StreamBacklogFull` once it reaches ``max_backlog``.
+
+        The check and the following XADDs are not atomic, so concurrent writers may overshoot
+        the bound by one batch each: a soft bound on memory, never a reason to drop an entry.
+        """
+        length = self.length()
+        if length >= self.max_backlog:
+            raise StreamBacklogFull(length, self.max_backlog)
+        return length
 
     def ensure_group(self, start_id: str = "0") -> bool:
         """Create the consumer group (and the stream) if absent. True when it was created.
@@ -118,9 +200,21 @@ class InstanceStream:
         return self._events(reply[0][1] if reply else [])
 
     def read_own_pending(self, consumer: str, count: int = 100) -> list[InstanceEvent]:
-        """Entries delivered to ``consumer`` and not yet acked (a restarted consumer resumes here)."""
-        reply = self.client.xreadgroup(self.group, consumer, {self.key: "0"}, count=count)
-        return self._events(reply[0][1] if reply else [])
+        """Entries delivered to ``consumer`` and not yet acked (a restarted consumer resumes here).
+
+        Entries deleted while pending come back without fields: they are acked and counted here
+        (so they no longer fill the page), and the next page is read until one holds live entries.
+        """
+        start = "0"
+        while True:
+            reply = self.client.xreadgroup(self.group, consumer, {self.key: start}, count=count)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                return []
+            events = self._events(entries)
+            if events:
+                return events
+            start = _text(entries[-1][0])
 
     def ack(self, entry_ids: Iterable[str]) -> int:
         ids = list(entry_ids)
@@ -134,14 +228,29 @@ class InstanceStream:
             reply = self.client.xautoclaim(
                 self.key, self.group, consumer, min_idle_time=min_idle_ms, start_id=cursor, count=count - len(events)
             )
-            cursor = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
-            events.extend(self._events(reply[1]))
+            cursor = _text(reply[0])
+            claimed = reply[1]
+            if len(reply) > 2 and reply[2]:
+                # Redis >= 7 reports the claimed ids whose entries were deleted, and has already
+                # removed them from the pending list: only count them.
+                self._count_deleted(len(reply[2]), [_text(i) for i in reply[2]])
+            if any(entry_id is None for entry_id, _ in claimed):
+                # Redis 6.2 claims a deleted entry without naming it (a nil reply): it is now
+                # pending with this consumer, whose own pending list names and resolves it.
+                self._resolve_own_deleted(consumer)
+            events.extend(self._events([(i, f) for i, f in claimed if i is not None]))
             if cursor == "0-0":
                 break
         return events
 
     def pending_count(self) -> int:
-        return int(self.client.xpending(self.key, self.group)["pending"])
+        """Entries delivered to the group and not acked; 0 while the stream or group does not exist."""
+        try:
+            return int(self.client.xpending(self.key, self.group)["pending"])
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return 0
+            raise
 
     def length(self) -> int:
         return int(self.client.xlen(self.key))
@@ -149,33 +258,106 @@ class InstanceStream:
     def lag(self, cap: int = 10_000) -> int:
         """Entries not yet delivered to the group, counted up to ``cap``.
 
-        Redis 6.2 has no XINFO ``lag`` field, so this counts the entries after the group's
-        last-delivered id with one bounded XRANGE; a value of ``cap`` means "at least cap".
+        Redis 7 reports the group's ``lag`` itself; Redis 6.2 has no such field, so a script
+        counts the entries after the group's last-delivered id with one bounded XRANGE on the
+        server (only the count crosses the network); a value of ``cap`` means "at least cap".
+        """
+        group = self._group_info()
+        if group is None:
+            return self.length()
+        lag = _info(group, "lag")
+        if lag is not None:
+            return int(lag)
+        last = _info(group, "last-delivered-id")
+        if self._count_after is None:
+            self._count_after = self.client.register_script(COUNT_AFTER_LUA)
+        return int(self._count_after(keys=[self.key], args=[f"({last}", int(cap)]))
+
+    def trim_acknowledged(self) -> TrimResult:
+        """XTRIM MINID up to the oldest entry that some group still needs (undelivered or pending).
+
+        Every group counts: one that lags (or was abandoned) holds the stream, and the backlog
+        bound then turns that into backpressure rather than loss. No group at all: nothing is
+        trimmed (entries published before the group exists are delivered to it).
+
+        The groups' last-delivered ids are read BEFORE their pending lists, so an entry
+        delivered in between has an id above the last-delivered id read, and the bound cannot
+        pass it; an entry pending when read either stays pending (and holds the bound) or has
+        been acked.
         """
         try:
             groups = self.client.xinfo_groups(self.key)
-        except redis.exceptions.ResponseError:  # no stream yet
-            return 0
+        except redis.exceptions.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return TrimResult(None, 0)
+            raise
+        if not groups:
+            return TrimResult(None, 0)
+        bound: tuple[int, int] | None = None
         for group in groups:
-            name = group.get("name", group.get(b"name"))
-            name = name.decode() if isinstance(name, bytes) else name
-            if name == self.group:
-                last = group.get("last-delivered-id", group.get(b"last-delivered-id"))
-                last = last.decode() if isinstance(last, bytes) else last
-                return len(self.client.xrange(self.key, f"({last}", "+", count=cap))
-        return self.length()
+            keep = _next_id(_info(group, "last-delivered-id"))
+            if int(_info(group, "pending") or 0):
+                lowest = self.client.xpending(self.key, _info(group, "name"))["min"]
+                if lowest is not None:
+                    keep = _text(lowest)
+            if bound is None or _id_key(keep) < bound:
+                bound = _id_key(keep)
+        min_id = f"{bound[0]}-{bound[1]}"
+        trimmed = int(self.client.xtrim(self.key, minid=min_id, approximate=False))
+        self.trimmed += trimmed
+        return TrimResult(min_id, trimmed)
+
+    def _group_info(self) -> dict | None:
+        try:
+            groups = self.client.xinfo_groups(self.key)
+        except redis.exceptions.ResponseError:  # no stream yet
+            return None
+        for group in groups:
+            if _info(group, "name") == self.group:
+                return group
+        return None
+
+    def _resolve_own_deleted(self, consumer: str, page: int = 1000) -> None:
+        """Ack the entries pending with ``consumer`` whose content was deleted (6.2's nil claims)."""
+        start = "0"
+        while True:
+            reply = self.client.xreadgroup(self.group, consumer, {self.key: start}, count=page)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                return
+            gone = [_text(i) for i, fields in entries if not fields]
+            if gone:
+                self.client.xack(self.key, self.group, *gone)
+                self._count_deleted(len(gone), gone)
+            start = _text(entries[-1][0])
+
+    def _count_deleted(self, n: int, ids: list[str]) -> None:
+        self.deleted_pending += n
+        if self.on_dropped:
+            self.on_dropped("deleted_while_pending", n)
+        log.error("stream %s: %d entries were deleted while pending (trimmed by another writer?); "
+                  "their instances cannot be sequenced: %s", self.key, n, ids[:5])
 
     def _events(self, entries) -> list[InstanceEvent]:
         events = []
         bad = []
+        gone = []
         for entry_id, fields in entries:
-            if entry_id is None or fields is None:
-                continue  # deleted by MAXLEN trimming while pending (Redis 6.2 returns nil)
+            if entry_id is None:
+                continue  # a nil claim (Redis 6.2): resolved through the own pending list
+            if not fields:  # deleted while pending: its content is gone, it can only be acked
+                gone.append(_text(entry_id))
+                continue
             try:
                 events.append(_event(entry_id, fields))
             except (KeyError, ValueError):
                 bad.append(entry_id)
+        if gone:
+            self.client.xack(self.key, self.group, *gone)
+            self._count_deleted(len(gone), gone)
         if bad:  # a poison entry would be redelivered forever: drop it, count it
-            self.malformed += len(bad)
             self.client.xack(self.key, self.group, *bad)
+            self.malformed += len(bad)
+            if self.on_dropped:
+                self.on_dropped("malformed", len(bad))
         return events

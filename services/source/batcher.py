@@ -26,6 +26,11 @@ class MicroBatcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
+    @property
+    def running(self) -> bool:
+        """The worker task is started and has not ended (what the source's /healthz checks)."""
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()

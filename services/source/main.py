@@ -18,8 +18,13 @@ from contract.layout import RecordLayout
 from models.runtime.loader import latest_version, load_source_model
 from services import metrics
 from services.config import Settings
-from services.health import health_router
-from services.http_errors import error_body, install_error_handlers
+from services.health import WorkerLiveness, health_router
+from services.http_errors import (
+    error_body,
+    install_error_handlers,
+    install_store_error_handler,
+    unavailable,
+)
 from services.security import RequestGuard
 from services.source.batcher import MicroBatcher
 from services.source.ingest import Ingestor
@@ -33,6 +38,7 @@ from services.source.protocol import (
 from services.source.raw_stream import RawInstanceConsumer
 from services.stores import instance_store, instance_stream, redis_client
 from storage.errors import STORE_ERRORS
+from storage.stream import StreamBacklogFull
 
 log = logging.getLogger(__name__)
 SOURCE_MODEL_NAME = "source"
@@ -54,6 +60,9 @@ class SourceService:
             self.ingestor.ingest, self.executor, max_batch=settings.ingest_max_batch,
             max_wait_s=settings.ingest_max_wait_ms / 1000.0, on_batch=metrics.INGEST_BATCH_SIZE.observe,
         )
+        # What /healthz watches: the batcher's task (it has no passes while idle: dead check
+        # only) and, when configured, the raw-stream consumer (added at start-up).
+        self.liveness = [WorkerLiveness("ingest-batcher", None, lambda: self.batcher.running)]
 
     async def ingest(self, request: IngestRequest) -> IngestResponse:
         validate_against_model(request.instances, self.model.featurizer, self.model.tasks,
@@ -71,6 +80,8 @@ class SourceService:
                 name = self.settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
                 self.raw_consumer = RawInstanceConsumer(self, self.settings.raw_stream, "source", name)
                 consumer = asyncio.create_task(self.raw_consumer.run())
+                self.raw_consumer.liveness.is_alive = lambda: not consumer.done()
+                self.liveness.append(self.raw_consumer.liveness)
             gc.collect()
             gc.freeze()  # the loaded model and start-up objects stay out of GC passes
             yield
@@ -89,7 +100,8 @@ class SourceService:
         app = FastAPI(title="iat source", version="1", lifespan=lifespan,
                       description="Turns instances into InsEmbs and SIF codes, stores them, streams them.")
         install_error_handlers(app)
-        app.include_router(health_router({"store": store_ok, "model": model_ok}))
+        install_store_error_handler(app, retry_after_s=self.settings.retry_after_s)
+        app.include_router(health_router({"store": store_ok, "model": model_ok}, self.liveness))
         app.add_middleware(RequestGuard, token=self.settings.token, max_body_bytes=self.settings.max_body_bytes)
 
         @app.post("/v1/instances", response_model=IngestResponse)
@@ -101,11 +113,18 @@ class SourceService:
                 metrics.INSTANCES.labels("rejected").inc(len(body.instances))
                 return JSONResponse(error_body("INVALID_ARGUMENT", err.field, err.message, indices=err.indices),
                                     status_code=422)
+            except StreamBacklogFull as exc:
+                metrics.INSTANCES.labels("backpressure").inc(len(body.instances))
+                log.warning("ingest: %s", exc)
+                return unavailable(str(exc), self.settings.retry_after_s)
             except STORE_ERRORS as exc:
+                # Any store failure -- down, too slow (IAT_REDIS_TIMEOUT_S), out of memory, a
+                # read-only replica: the client retries; ingest is idempotent and its
+                # transactional write left nothing half done.
                 metrics.INSTANCES.labels("unavailable").inc(len(body.instances))
-                log.warning("ingest: store unavailable: %s: %s", type(exc).__name__, exc)
-                return JSONResponse(error_body("UNAVAILABLE", None, f"the store cannot be reached: {type(exc).__name__}"),
-                                    status_code=503, headers={"Retry-After": "1"})
+                log.warning("ingest: store failed: %s: %s", type(exc).__name__, exc)
+                return unavailable(f"the store failed: {type(exc).__name__}; retry (ingest is idempotent)",
+                                   self.settings.retry_after_s)
             metrics.INSTANCES.labels("accepted").inc(response.accepted)
             metrics.INGEST_LATENCY.observe(time.perf_counter() - start)
             return response

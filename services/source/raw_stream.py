@@ -4,7 +4,12 @@ A producer XADDs one entry per instance with a field ``instance`` holding the sa
 element of the POST body. The source service reads them through a consumer group, validates
 each entry alone (a bad entry is rejected, counted, logged and acked: it must not block the
 stream), sends the good ones through the same coalesced forward and writes as HTTP ingestion,
-and acks only after the writes. Its own unacked entries are read again after a restart.
+and acks only after the writes.
+
+Any failure of a pass (a store error such as OOM or READONLY, the instance stream's backlog
+being full, ...) is retried with a bounded backoff (services.health.run_supervised_async); the
+entries that pass had read stay pending with this consumer, and the next pass reads them again
+before new ones (as after a restart). `/healthz` reports the consumer dead or stalled.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import redis.exceptions
 from pydantic import ValidationError
 
 from services import metrics
+from services.health import WorkerLiveness, run_supervised_async, worker_backoff
 from services.http_errors import field_path
 from services.source.protocol import IngestRejected, Instance, validate_against_model
 
@@ -31,6 +37,11 @@ class RawInstanceConsumer:
         self.block_ms = block_ms
         self.accepted = 0
         self.rejected = 0
+        settings = service.settings
+        self.liveness = WorkerLiveness(f"raw-stream {stream_key}", settings.worker_stall_s)
+        self.backoff = worker_backoff(settings.worker_backoff_base_s, settings.worker_backoff_cap_s)
+        self._group_ready = False
+        self._own_pending_done = False
 
     def ensure_group(self) -> None:
         try:
@@ -42,7 +53,7 @@ class RawInstanceConsumer:
     def _read(self, start: str) -> list:
         reply = self.service.client.xreadgroup(self.group, self.consumer, {self.key: start},
                                                count=self.service.settings.ingest_max_batch,
-                                               block=None if start == "0" else self.block_ms)
+                                               block=None if start != ">" else self.block_ms)
         return reply[0][1] if reply else []
 
     def parse(self, entries) -> tuple[list[Instance], list]:
@@ -62,30 +73,37 @@ class RawInstanceConsumer:
 
     async def run_once(self, start: str = ">") -> int:
         entries = await asyncio.to_thread(self._read, start)
-        entries = [(i, f) for i, f in entries if f is not None]  # trimmed while pending
         if not entries:
             return 0
-        good, ids = self.parse(entries)
+        # An entry trimmed while pending comes back without its fields: nothing to ingest, ack it.
+        live = [(i, f) for i, f in entries if f]
+        good, _ = self.parse(live)
         if good:
             await self.service.batcher.submit(good)
             self.accepted += len(good)
             metrics.INSTANCES.labels("accepted").inc(len(good))
-        await asyncio.to_thread(self.service.client.xack, self.key, self.group, *ids)
+        await asyncio.to_thread(self.service.client.xack, self.key, self.group, *[i for i, _ in entries])
         return len(entries)
 
+    async def _pass(self) -> None:
+        if not self._group_ready:
+            await asyncio.to_thread(self.ensure_group)
+            self._group_ready = True
+        if not self._own_pending_done:
+            # What this consumer held unacked when it stopped or when a pass failed: each page
+            # is acked once written, so reading from "0" again gives the next page.
+            if await self.run_once("0"):
+                return
+            self._own_pending_done = True
+        await self.run_once()
+
+    def _after_error(self, exc: Exception) -> None:
+        self._own_pending_done = False
+        if isinstance(exc, redis.exceptions.ResponseError) and "NOGROUP" in str(exc):
+            self._group_ready = False
+
     async def run(self) -> None:
-        await asyncio.to_thread(self.ensure_group)
-        while await self.run_once("0"):  # what this consumer held when it last stopped
-            pass
-        backoff = 0.1
-        while True:
-            try:
-                await self.run_once()
-                backoff = 0.1
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-                log.warning("raw stream %s: store unavailable (%s); retrying in %.1fs", self.key, exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        await run_supervised_async(self._pass, self.liveness, "raw-stream", self.backoff, on_error=self._after_error)
 
 
 def _reason(exc: Exception) -> str:

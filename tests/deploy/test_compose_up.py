@@ -26,7 +26,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]

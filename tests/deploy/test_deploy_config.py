@@ -31,9 +31,9 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from pydantic import AliasChoices
 
-from services import metrics
 from cli import COMMANDS
 from cli.serve import SERVICES
+from services import metrics
 from services.config import Settings
 from services.health import health_router
 
@@ -668,10 +668,10 @@ def test_k8s_containers_have_cpu_and_memory_limits_and_distinct_probes(name):
 
 def test_seed_instances_are_valid_requests_with_the_loaders_ins_ids(tmp_path):
     from models.data.prepared import load_dataset
-    from models.runtime.featurizer import FeatureSpec, Featurizer
-    from models.runtime.hashing import ins_id
     from models.data.schema import DatasetSchema
     from models.data.synthetic import write_synthetic
+    from models.runtime.featurizer import FeatureSpec, Featurizer
+    from models.runtime.hashing import ins_id
     from services.source.protocol import IngestRequest
 
     spec = importlib.util.spec_from_file_location("deploy_seed", REPO / "deploy" / "seed.py")

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from services.ranking.protocol import ScoreRequestModel, query_from_model, query_from_proto, validate_query
+from services.ranking.protocol import (
+    ScoreRequestModel,
+    query_from_model,
+    query_from_proto,
+    validate_query,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # loadtests/ is not an installed package
@@ -68,6 +73,7 @@ def test_locust_targets_derive_from_the_host(locust_probe):
 
 def test_locust_users_build_valid_score_requests(locust_probe, movielens_models):
     from iat.ranking.v1 import ranking_pb2
+
     from models.runtime.featurizer import FeatureSpec, Featurizer
     from models.runtime.loader import latest_version
 

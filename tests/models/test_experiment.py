@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.nn.base import ModelConfig
-from models.training.registry import ROWS, ExperimentConfig, RowResult, register_row
-from models.training.experiment import results_table, run_experiment, write_results
 from models.data.synthetic import synthetic_data
+from models.nn.base import ModelConfig
+from models.training.experiment import results_table, run_experiment, write_results
 from models.training.loop import TrainConfig
+from models.training.registry import ROWS, ExperimentConfig, RowResult, register_row
 
 
 @pytest.fixture(scope="module")

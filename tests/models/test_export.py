@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,8 +26,8 @@ def synthetic(tmp_path_factory):
 
 def test_vocab_compaction_equals_sif_training_inputs(synthetic):
     from models.runtime.modules import SIFInputsEncoder, VocabCompactor
-    from models.training.sif.rows import prepare_inputs
     from models.training.serving_set import sif_vocabularies
+    from models.training.sif.rows import prepare_inputs
     data = synthetic
     vocab = sif_vocabularies(data)
     enc = SIFInputsEncoder(sum(map(len, vocab)), data.cat.shape[1], data.multi.shape[1], data.n_buckets)

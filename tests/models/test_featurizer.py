@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data.prepared import read_table, load_dataset
-from models.runtime.featurizer import FeatureError, Featurizer, FeatureSpec
+from models.data.prepared import load_dataset, read_table
 from models.data.schema import DatasetSchema, load_schema
+from models.runtime.featurizer import FeatureError, FeatureSpec, Featurizer
 
 DATA_DIR = Path(os.environ.get("IAT_DATA_DIR", Path(__file__).parents[3] / "shared" / "data"))
 ML = DATA_DIR / "movielens-100k"

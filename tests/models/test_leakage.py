@@ -7,12 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from models.data.synthetic import synthetic_data
 from models.nn.base import FeatureShape, ModelConfig
 from models.nn.downstream import IATDownstream
-from models.training.downstream import iat_batch
 from models.nn.source import UserOrderSource
-from models.training.source import insembs, labelled_batch, sequence_batch, user_sequences
-from models.data.synthetic import synthetic_data
+from models.training.downstream import iat_batch
+from models.training.source import (
+    insembs,
+    labelled_batch,
+    sequence_batch,
+    user_sequences,
+)
 
 CFG = ModelConfig(emb_dim=8, seq_len=10, history_len=16, insemb_dim=16, sit_ffn=32,
                   adapt_dim=24, iat_width=16)

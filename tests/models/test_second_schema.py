@@ -4,14 +4,13 @@ column, ms timestamps, a request-id column and a 0/1 label, runs end to end thro
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 
+from cli import main as iat_main
 from models.data.prepared import load_dataset
 from models.data.schema import DatasetSchema
-from cli import main as iat_main
 
 SCHEMA = """\
 name = "shop-clicks"

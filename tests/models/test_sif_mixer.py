@@ -3,11 +3,16 @@ import numpy as np
 import pytest
 import torch
 
-from models.nn.sif.spec import CategoricalField, FeatureGroup, SampleInputs, SampleSchema
-from models.nn.sif.tokenizer import SampleTokenizer, codes_from_token_samples
 from models.nn.sif.mixer import SIFMixer
-from models.training.sif.losses import alignment_loss
+from models.nn.sif.spec import (
+    CategoricalField,
+    FeatureGroup,
+    SampleInputs,
+    SampleSchema,
+)
+from models.nn.sif.tokenizer import SampleTokenizer, codes_from_token_samples
 from models.training.sif.history import gather_history
+from models.training.sif.losses import alignment_loss
 
 torch.set_num_threads(1)
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from models.data.synthetic import synthetic_data
 from models.training.registry import ROWS, ExperimentConfig
 from models.training.sif.rows import prepare_inputs
-from models.data.synthetic import synthetic_data
 
 SIF_ROWS = ["sif", "sif_item_id_only", "sif_dense_raw", "sif_pooled_then_attend", "sif_flat_attention"]
 

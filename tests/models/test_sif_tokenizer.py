@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.nn.sif.rvq import ResidualVQ
 from models.nn.sif.spec import (
     CategoricalField,
     FeatureGroup,
@@ -10,11 +11,14 @@ from models.nn.sif.spec import (
     SampleSchema,
     split_into_subtokens,
 )
-from models.nn.sif.rvq import ResidualVQ
 from models.nn.sif.tokenizer import SampleTokenizer, codes_from_token_samples
-from models.training.sif.losses import auxiliary_pctr_loss
+from models.training.sif.compression import (
+    compression_ratio,
+    raw_sample_bytes,
+    token_sample_bytes,
+)
 from models.training.sif.health import code_perplexity, codebook_health
-from models.training.sif.compression import compression_ratio, raw_sample_bytes, token_sample_bytes
+from models.training.sif.losses import auxiliary_pctr_loss
 
 torch.set_num_threads(1)
 

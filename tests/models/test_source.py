@@ -5,11 +5,16 @@ import numpy as np
 import pytest
 import torch
 
+from models.data.synthetic import synthetic_data
 from models.nn.base import FeatureShape, ModelConfig
 from models.nn.source import TemporalOrderSource, UserOrderSource
-from models.training.source import insembs, train_user_order_source, two_pass_insembs, user_crossfit_insembs
-from models.data.synthetic import synthetic_data
 from models.training.loop import TrainConfig
+from models.training.source import (
+    insembs,
+    train_user_order_source,
+    two_pass_insembs,
+    user_crossfit_insembs,
+)
 
 CFG = ModelConfig(emb_dim=8, seq_len=8, insemb_dim=16, sit_ffn=32)
 TCFG = TrainConfig(epochs=1, batch_size=128, progress=False)

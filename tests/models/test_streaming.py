@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.data.synthetic import synthetic_data
 from models.nn.base import FeatureShape, ModelConfig
 from models.nn.source import UserOrderSource
 from models.training.source import insembs
@@ -15,8 +16,6 @@ from models.training.streaming import (
     streaming_forward,
     train_streaming,
 )
-from models.data.synthetic import synthetic_data
-from models.training.loop import TrainConfig
 
 CFG = ModelConfig(emb_dim=8, seq_len=10, insemb_dim=16, sit_ffn=32)
 

@@ -12,8 +12,8 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
 from services.config import Settings
 from storage.connection import connect
 from storage.instance_store import InstanceStore

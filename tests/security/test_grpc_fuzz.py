@@ -11,8 +11,8 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow

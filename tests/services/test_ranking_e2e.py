@@ -12,8 +12,8 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-
 from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
 from models.data.prepared import load_dataset
 from models.data.raw import raw_instances
 from models.data.schema import load_schema

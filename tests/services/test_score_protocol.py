@@ -3,8 +3,8 @@ import math
 
 import numpy as np
 import pytest
-
 from iat.ranking.v1 import ranking_pb2
+
 from services.ranking.errors import InvalidRequest, TooManyCandidates
 from services.ranking.protocol import (
     ScoreRequestModel,

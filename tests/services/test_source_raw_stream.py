@@ -7,9 +7,9 @@ import time
 import httpx
 import pytest
 
-from models.runtime.hashing import ins_id
 from models.data.raw import raw_instances
 from models.data.schema import load_schema
+from models.runtime.hashing import ins_id
 from storage.connection import EmbeddedRedis, connect
 from storage.instance_store import InstanceStore
 from storage.stream import InstanceStream

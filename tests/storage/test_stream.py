@@ -8,7 +8,7 @@ import pytest
 
 from storage.instance_store import InstanceStore
 from storage.records import InstanceRecord, InvalidRecord
-from storage.stream import InstanceEvent, InstanceStream
+from storage.stream import InstanceEvent, InstanceStream, StreamBacklogFull
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -67,11 +67,56 @@ def test_invalid_event_publishes_nothing(client, bad, field):
     assert client.exists(stream.key) == 0
 
 
-def test_approximate_maxlen_caps_the_stream(client):
-    stream = InstanceStream(client, maxlen=100)
-    for start in range(0, 3000, 500):
-        stream.publish(events(500, start=start))
-    assert 100 <= stream.length() < 3000 / 2
+def test_trim_removes_only_what_every_group_acknowledged(client):
+    """XTRIM MINID stops at the oldest entry some group has not delivered or not acked."""
+    stream = InstanceStream(client)
+    assert stream.trim_acknowledged().trimmed == 0  # no stream yet
+    stream.publish(events(10))
+    assert stream.trim_acknowledged().trimmed == 0  # no group: everything is still to deliver
+    stream.ensure_group()
+    other = InstanceStream(client, group="audit")
+    other.ensure_group()
+    assert stream.lag() == 10
+    first = stream.read("c", count=6)
+    assert stream.lag() == 4 and stream.lag(cap=3) == 3
+    stream.ack([e.entry_id for e in first[:2]] + [first[4].entry_id])  # entries 2, 3, 5 stay pending
+    assert stream.trim_acknowledged().trimmed == 0  # "audit" has read nothing yet
+    audit = other.read("a", count=10)
+    other.ack([e.entry_id for e in audit])
+    assert stream.trim_acknowledged().trimmed == 2  # up to the oldest pending of "sequencer"
+    assert stream.length() == 8 and stream.pending_count() == 3
+    stream.ack([e.entry_id for e in first])
+    assert stream.trim_acknowledged().trimmed == 4  # up to the first undelivered entry
+    assert [e.ins_id for e in stream.read("c", count=10)] == [1006, 1007, 1008, 1009]
+
+
+def test_backlog_bound_refuses_and_never_trims(client):
+    stream = InstanceStream(client, max_backlog=5)
+    stream.publish(events(4))
+    assert stream.check_backlog() == 4
+    stream.publish(events(3, start=4))  # a batch may overshoot by itself: the check comes before it
+    with pytest.raises(StreamBacklogFull) as info:
+        stream.check_backlog()
+    assert (info.value.length, info.value.max_backlog) == (7, 5)
+    assert stream.length() == 7  # nothing dropped
+
+
+def test_entries_deleted_while_pending_are_acked_and_counted(client):
+    """An entry trimmed by another writer while pending is resolved, never left pending for ever."""
+    dropped = []
+    stream = InstanceStream(client, on_dropped=lambda reason, n: dropped.append((reason, n)))
+    stream.ensure_group()
+    stream.publish(events(6))
+    stream.read("dead", count=3)  # dies holding 3 entries
+    stream.read("alive", count=1)  # holds 1 and restarts
+    client.xtrim(stream.key, maxlen=2, approximate=False)  # e.g. a writer still using MAXLEN
+    assert stream.pending_count() == 4
+    assert stream.read_own_pending("alive") == []  # its entry is gone: acked, counted
+    claimed = stream.claim_stale("alive", min_idle_ms=0)
+    assert claimed == [] and stream.pending_count() == 0
+    assert stream.deleted_pending == 4 and sum(n for _, n in dropped) == 4
+    assert {reason for reason, _ in dropped} == {"deleted_while_pending"}
+    assert [e.ins_id for e in stream.read("alive", count=10)] == [1004, 1005]
 
 
 def test_dead_consumer_entries_claimed_and_sequenced_once(client):
