@@ -23,6 +23,14 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=30.0, gt=0)
     max_sequence_length: int = Field(default=1024, gt=0, description="Lmax kept per user")
     stream_maxlen: int = Field(default=1_000_000, gt=0)
+    # An evicting maxmemory-policy deletes records and whole sequences silently (every key of
+    # the store carries a TTL, so volatile-* evicts them as allkeys-* does): services refuse to
+    # start on one, and readiness fails, unless this is set.
+    allow_evicting_redis: bool = False
+    history_scan_factor: int = Field(
+        default=4, ge=1,
+        description="a history read of L instances examines at most this x L sequence members, "
+                    "reaching back past missing and other-version records")
 
     # Models and data.
     model_dir: Path = Path("artifacts/models")

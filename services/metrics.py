@@ -41,6 +41,12 @@ DEGRADED = Counter(
 MISSING_RECORDS = Counter(
     "iat_ranking_missing_records_total", "Sequence members whose record was missing (expired)",
 )
+HISTORY_SKIPPED = Counter(
+    "iat_ranking_history_skipped_total",
+    "Sequence members a history read skipped, by reason: missing (record gone; the member is "
+    "removed), version_mismatch (another source-model version), incompatible (another layout)",
+    ["reason"],
+)
 MODEL_RELOADS = Counter(
     "iat_ranking_model_reloads_total", "Model (re)load attempts by outcome", ["model", "outcome"],
 )
@@ -65,4 +71,12 @@ SEQUENCER_REDELIVERIES = Counter(
 )
 STREAM_LAG = Gauge(
     "iat_stream_lag", "Entries in the stream not yet delivered to the consumer group",
+)
+
+# --- store (every service) -----------------------------------------------------------
+STORE_USED_MEMORY = Gauge(
+    "iat_store_used_memory_bytes", "Redis used_memory per server (node), read at each scrape", ["node"],
+)
+STORE_MAXMEMORY = Gauge(
+    "iat_store_maxmemory_bytes", "Redis maxmemory per server (node); 0 = no limit", ["node"],
 )

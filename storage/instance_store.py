@@ -230,7 +230,7 @@ class _StoreBase:
 
     @staticmethod
     def _skipped(detail: list, history: History) -> list[SkippedInstance]:
-        split = detail.index(b"" if detail and isinstance(detail[0], bytes) else "") if detail else 0
+        split = next(i for i, x in enumerate(detail) if not x)  # the "" after the usable pairs
         usable, rest = detail[:split], detail[split + 1:]
         skipped = []
         for k in range(0, len(rest), 4):
@@ -242,7 +242,8 @@ class _StoreBase:
                                            MISSING if _text(reason) == "missing" else VERSION_MISMATCH, version))
         if history.incompatible:  # present and accepted, but not decodable by this reader
             kept = set(history.ins_ids.tolist())
-            skipped += [SkippedInstance(int(m), -1, INCOMPATIBLE) for m in usable if int(m) not in kept]
+            skipped += [SkippedInstance(int(m), int(float(t)), INCOMPATIBLE)
+                        for m, t in zip(usable[::2], usable[1::2]) if int(m) not in kept]
         skipped.sort(key=lambda s: (s.timestamp_ms, s.ins_id), reverse=True)
         return skipped
 

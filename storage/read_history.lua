@@ -12,7 +12,8 @@
 --          empty: every version is accepted
 -- ARGV[6]  "1": also return what was skipped and the usable members (the history endpoint)
 -- Reply: {usable found, missing, version mismatches, the usable records joined[, detail]}
---   detail = {usable members..., "", then per skipped member: member, score, reason, header}
+--   detail = {per usable member: member, score; then ""; then per skipped member: member, score,
+--   reason, header}
 --   reason "missing" (record gone: its member is removed from the sequence here, header "")
 --   or "version" (header = the record's first 48 bytes).
 -- Order: score descending; equal scores by member descending (Redis' ZREVRANGEBYSCORE order;
@@ -76,7 +77,10 @@ while #found < limit and offset < bound do
         end
       else
         found[#found + 1] = value
-        if explain then usable_ids[#usable_ids + 1] = member end
+        if explain then
+          usable_ids[#usable_ids + 1] = member
+          usable_ids[#usable_ids + 1] = reply[i * 2]
+        end
       end
     end
   end

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from services import metrics
 from services.config import Settings
-from services.health import health_router
+from services.health import StoreGuard, health_router
 from services.security import RequestGuard
 from services.sequencer.worker import SequencerWorker
 from storage.connection import connect
@@ -27,6 +27,8 @@ class Sequencer:
     def __init__(self, settings: Settings, client=None) -> None:
         self.settings = settings
         self.client = client if client is not None else connect(settings.redis_url)
+        self.store_guard = StoreGuard(self.client, settings.allow_evicting_redis)
+        self.store_guard.check_startup()
         self.store = InstanceStore(
             self.client, prefix=settings.key_prefix, retention_days=settings.retention_days,
             max_sequence_length=settings.max_sequence_length,
@@ -65,16 +67,12 @@ class Sequencer:
             t.join(timeout)
 
     def app(self) -> FastAPI:
-        async def store_ok() -> tuple[bool, str]:
-            self.client.ping()
-            return True, "ping ok"
-
         async def workers_ok() -> tuple[bool, str]:
             alive = sum(t.is_alive() for t in self.threads)
             return alive == len(self.workers), f"{alive}/{len(self.workers)} workers alive"
 
         app = FastAPI(title="iat sequencer", version="1")
-        app.include_router(health_router({"store": store_ok, "workers": workers_ok}))
+        app.include_router(health_router({"workers": workers_ok}, store=self.store_guard))
         app.add_middleware(RequestGuard, token=self.settings.token, max_body_bytes=self.settings.max_body_bytes)
 
         @app.get("/v1/stats")

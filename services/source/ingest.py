@@ -1,7 +1,21 @@
-"""The ingest path: featurize -> (history for streaming user-order) -> source model -> record -> stream.
+"""The ingest path: featurize -> (history for streaming user-order) -> source model -> stream -> store.
 
-The record is written before the stream entry, so a sequence never names a missing record;
-both writes are idempotent by InsID, so a client retrying a batch changes nothing.
+What an InsEmb depends on (DESIGN.md section 4; README "What an InsEmb depends on"): the
+instance and the user's earlier STORED instances only, never how far a stream consumer lags.
+The store writes a record and its sequence membership together (one script per user,
+storage/write_instances.lua), so the sequence read here holds every instance stored so far.
+
+Out-of-order arrival: an InsEmb is computed once, at ingest, from the user's stored instances
+strictly before its timestamp as they are at that moment (plus the same user's earlier
+instances of the same batch). An instance that arrives later with an earlier timestamp is
+stored and used by instances ingested after it, but never rewrites the InsEmbs stored before
+it; a retried instance keeps the record first stored for it (same source-model version).
+So replaying the same instances in the same order gives byte-identical records.
+
+Order of writes: the stream entry first, then the store. A failure after the stream entry
+leaves an entry whose record is not stored: the sequencer may add its member, which no read
+uses (a record must be present) and the next read removes; the client's retry stores it.
+A failure before leaves nothing. Both writes are idempotent by InsID.
 """
 from __future__ import annotations
 
@@ -53,11 +67,10 @@ class Ingestor:
     def histories(self, instances: list[Instance], ids: list[int], item_hashes: np.ndarray) -> list[HistoryInputs] | None:
         """Streaming user-order (IAT Eq. 7-8): each instance's previous instances.
 
-        The store's sequence is filled by the sequencer, after this batch is published, so the
-        same user's EARLIER instances in this very batch are not in it yet: they are merged in
-        here (the source model reads only their item hashes and timestamps). Without this, a
-        replay that sends a user's instances together would embed them differently from
-        training.
+        The store's sequence holds every stored instance (written with its record), read here
+        with no version filter (the source model reads only item hashes and timestamps). The
+        same user's EARLIER instances in this very batch are not stored yet: they are merged in
+        here, so a replay that sends a user's instances together embeds them as training did.
         """
         if not self.model.history_length:
             return None
@@ -106,8 +119,8 @@ class Ingestor:
             )
             for k, inst in enumerate(instances)
         ]
-        self.store.write_records(records)  # first: a stream entry never names a missing record
-        self.stream.publish(records)
+        self.stream.publish(records)  # first: a failure before the store leaves nothing that a read uses
+        self.store.write_and_append(records)  # record + sequence membership, atomically per user
         t4 = time.perf_counter()
         tm = self.timings
         tm.featurize += t1 - t0

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from models.serving import latest_version, load_source_model
 from services import metrics
 from services.config import Settings
-from services.health import health_router
+from services.health import StoreGuard, health_router
 from services.http_errors import error_body, install_error_handlers
 from services.security import RequestGuard
 from services.source.batcher import MicroBatcher
@@ -42,6 +42,8 @@ class SourceService:
         self.client = client if client is not None else connect(
             settings.redis_url, socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s)
+        self.store_guard = StoreGuard(self.client, settings.allow_evicting_redis)
+        self.store_guard.check_startup()
         path = latest_version(settings.model_dir, SOURCE_MODEL_NAME)
         if path is None:
             raise FileNotFoundError(f"no source model under {settings.model_dir}/{SOURCE_MODEL_NAME}: run `iat export`")
@@ -51,7 +53,7 @@ class SourceService:
             self.client, prefix=settings.key_prefix, dim=self.model.embedding_dim,
             codec=self.model.manifest.get("codec", "fp32"), tasks=self.model.tasks,
             retention_days=settings.retention_days, max_sequence_length=settings.max_sequence_length,
-            code_length=self.model.code_length, code_dtype=code_dtype,
+            code_length=self.model.code_length, code_dtype=code_dtype, scan_factor=settings.history_scan_factor,
         )
         self.stream = InstanceStream(self.client, prefix=settings.key_prefix, maxlen=settings.stream_maxlen)
         self.ingestor = Ingestor(self.model, self.store, self.stream)
@@ -84,17 +86,13 @@ class SourceService:
             await self.batcher.stop()
             self.executor.shutdown(wait=False)
 
-        async def store_ok() -> tuple[bool, str]:
-            self.client.ping()
-            return True, "ping ok"
-
         async def model_ok() -> tuple[bool, str]:
             return True, f"{self.model.name} {self.model.version} ({self.model.runtime} on {self.model.device})"
 
         app = FastAPI(title="iat source", version="1", lifespan=lifespan,
                       description="Turns instances into InsEmbs and SIF codes, stores them, streams them.")
         install_error_handlers(app)
-        app.include_router(health_router({"store": store_ok, "model": model_ok}))
+        app.include_router(health_router({"model": model_ok}, store=self.store_guard))
         app.add_middleware(RequestGuard, token=self.settings.token, max_body_bytes=self.settings.max_body_bytes)
 
         @app.post("/v1/instances", response_model=IngestResponse)
