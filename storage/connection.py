@@ -306,6 +306,7 @@ async def store_memory_async(client) -> list[StoreMemory]:
     """The asyncio twin of :func:`store_memory`."""
     try:
         if isinstance(client, redis.asyncio.cluster.RedisCluster):
+            await client.initialize()  # the asyncio cluster client learns its nodes lazily
             return [_memory(node.name, await client.info("memory", target_nodes=node))
                     for node in client.get_primaries()]
         return [_memory(_node_name(client), await client.info("memory"))]

@@ -12,10 +12,10 @@ drops the oldest in the same order.
 Writes (``write_and_append``, storage/write_instances.lua): one script call per user stores the
 user's records AND adds them to the user's sequence (trimmed to Lmax), atomically, so the
 sequence holds every stored instance the moment it is stored, however far a stream consumer
-lags. A record already stored by the same source-model version is kept, never recomputed (an
-InsEmb is computed once); ZADD of a member already present leaves one entry. So at-least-once
-delivery and client retries give exactly one entry and the first record. The sequence's TTL only
-grows (it outlives the records it names).
+lags. With ``keep_stored`` (ingest: an InsEmb is computed once) a record already stored by the
+same source-model version is kept, never recomputed; ZADD of a member already present leaves one
+entry. So at-least-once delivery and client retries give exactly one entry and the first record.
+The sequence's TTL only grows (it outlives the records it names).
 
 Reads (``read_history``, storage/read_history.lua), ONE round trip: the newest at most L *usable*
 instances strictly before T. Usable = record present, and written by a source-model version that
@@ -180,27 +180,28 @@ class _StoreBase:
             groups[user_id][_member(validate_ins_id(ins_id, i))] = validate_timestamp(timestamp_ms, i)
         return groups
 
-    def _write_calls(self, groups: dict[str, dict[str, int]], values: dict[str, dict[str, bytes]]) -> list[tuple]:
-        """One write_instances.lua call per user: (numkeys, keys..., ttl, lmax, triples...)."""
+    def _write_calls(self, groups: dict[str, dict[str, int]], values: dict[str, dict[str, bytes]],
+                     keep_stored: bool = False) -> list[tuple]:
+        """One write_instances.lua call per user: (numkeys, keys..., ttl, lmax, keep, triples...)."""
         calls = []
         ttl = self.retention_ms or 0
         for user_id, members in groups.items():
             user_values = values.get(user_id, {})
             prefix = self.record_key_prefix(user_id)
             keys = [self.sequence_key(user_id)] + [prefix + m for m in members if m in user_values]
-            args: list = [ttl, self.max_sequence_length]
+            args: list = [ttl, self.max_sequence_length, "1" if keep_stored else "0"]
             for member, timestamp_ms in members.items():
                 args += [member, timestamp_ms, user_values.get(member, b"")]
             calls.append((len(keys), *keys, *args))
         return calls
 
-    def _record_calls(self, records: Sequence[InstanceRecord]) -> list[tuple]:
+    def _record_calls(self, records: Sequence[InstanceRecord], keep_stored: bool) -> list[tuple]:
         encoded = self.layout.encode(records)  # raises InvalidRecord before anything is written
         groups = self._sequence_groups([(r.user_id, r.ins_id, r.timestamp_ms) for r in records])
         values: dict[str, dict[str, bytes]] = defaultdict(dict)
         for record, value in zip(records, encoded):
             values[record.user_id].setdefault(_member(int(record.ins_id)), value)  # first one wins
-        return self._write_calls(groups, values)
+        return self._write_calls(groups, values, keep_stored)
 
     def _read_args(self, user_id: str, before_ms: int, limit: int, expected_version: str | None = None,
                    explain: bool = False) -> tuple:
@@ -328,13 +329,15 @@ class InstanceStore(_StoreBase):
         if groups:
             self._raise_first_error(self._evalsha_many(WRITE_INSTANCES_LUA, self._write_calls(groups, {})))
 
-    def write_and_append(self, records: Sequence[InstanceRecord]) -> tuple[int, int]:
+    def write_and_append(self, records: Sequence[InstanceRecord], *, keep_stored: bool = False) -> tuple[int, int]:
         """Store records AND their sequence membership: one atomic script call per user.
 
-        All records are validated before anything is written. A record already stored by the same
-        source-model version is kept as it is. Returns (records written, records kept).
+        All records are validated before anything is written. ``keep_stored`` (ingest: an InsEmb
+        is computed once): a record that the same source-model version stored already is kept as
+        it is; else every record is (re)written (streaming training replaces its InsEmbs).
+        Returns (records written, records kept).
         """
-        calls = self._record_calls(records)
+        calls = self._record_calls(records, keep_stored)
         if not calls:
             return 0, 0
         replies = self._evalsha_many(WRITE_INSTANCES_LUA, calls)

@@ -5,28 +5,30 @@
 -- KEYS[2..]   record keys, one per record value in ARGV (same hash tag, so the same shard)
 -- ARGV[1]     TTL in ms of records and of the sequence; "0": none
 -- ARGV[2]     Lmax: the sequence keeps its newest Lmax members
--- ARGV[3..]   per instance: member, score (timestamp ms), record value ("" = sequence only:
+-- ARGV[3]     "1": keep a record that the same source-model version stored already; "0": replace
+-- ARGV[4..]   per instance: member, score (timestamp ms), record value ("" = sequence only:
 --             the sequencer re-appending what the source stored, or a test)
 -- Reply: {records written, records kept because the same source version had stored them}.
 --
--- A record is computed once: if a record of the same source-model version (bytes 32..39 of the
--- header) is stored already, it is kept as it is (a retried request, a redelivery), because a
--- recomputation could see instances that arrived since and give a different InsEmb. A record of
--- another version is replaced (a backfill under a new source model).
+-- Ingest keeps (ARGV[3] = "1"): an InsEmb is computed once, so a record of the same source-model
+-- version (bytes 32..39 of the header) stored already stays as it is (a retried request), because
+-- a recomputation could see instances that arrived since and give a different InsEmb. A record
+-- of another version is replaced (a backfill under a new source model).
 -- The sequence's TTL only ever grows, so it outlives every record it names even when writers
 -- with different retentions meet.
 local seq = KEYS[1]
 local ttl = tonumber(ARGV[1])
 local lmax = tonumber(ARGV[2])
+local keep_same_version = ARGV[3] == '1'
 local seq_ttl = redis.call('PTTL', seq)
 local written, kept = 0, 0
 local pairs_ = {}
 local record = 1
-for a = 3, #ARGV, 3 do
+for a = 4, #ARGV, 3 do
   local member, score, value = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   if value ~= '' then
     record = record + 1
-    local old = redis.call('GET', KEYS[record])
+    local old = keep_same_version and redis.call('GET', KEYS[record])
     if old and string.sub(old, 33, 40) == string.sub(value, 33, 40) then
       kept = kept + 1
     else

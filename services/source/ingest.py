@@ -120,7 +120,8 @@ class Ingestor:
             for k, inst in enumerate(instances)
         ]
         self.stream.publish(records)  # first: a failure before the store leaves nothing that a read uses
-        self.store.write_and_append(records)  # record + sequence membership, atomically per user
+        # record + sequence membership, atomically per user; a record stored already stays as it is
+        self.store.write_and_append(records, keep_stored=True)
         t4 = time.perf_counter()
         tm = self.timings
         tm.featurize += t1 - t0

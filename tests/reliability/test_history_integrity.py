@@ -246,9 +246,10 @@ def test_store_read_is_bounded_and_explains_skips(redis_client):
         store = InstanceStore(redis_client, dim=4, tasks=("like",), source_version="v1", scan_factor=factor)
         assert store.read_history("u", 10**6, 4).ins_ids.tolist() == got
     # A record stored again under the same version is kept as first written; another version replaces it.
-    assert writer.write_and_append([rec(7, "v1")]) == (0, 1)
-    assert writer.write_and_append([InstanceRecord(ins_id=7, user_id="u", timestamp_ms=1007, embedding=np.zeros(4),
-                                                   source_version="v3")]) == (1, 0)
+    assert writer.write_and_append([rec(7, "v1")], keep_stored=True) == (0, 1)
+    v3 = InstanceRecord(ins_id=7, user_id="u", timestamp_ms=1007, embedding=np.zeros(4), source_version="v3")
+    assert writer.write_and_append([v3], keep_stored=True) == (1, 0)
+    assert writer.write_and_append([v3]) == (1, 0)  # without keep_stored: always written
 
 
 # ---- item 5: an evicting store is refused ---------------------------------------------------
@@ -291,3 +292,31 @@ def test_evicting_policy_refused_unless_allowed(movielens_models, tmp_path, star
         client.close()
     finally:
         server.stop()
+
+
+def test_store_memory_on_every_cluster_primary(cluster_client, redis_cluster):
+    """The policy check and the memory gauges cover every primary of a cluster, sync and asyncio."""
+    import asyncio
+
+    from storage.connection import EvictingStoreError, check_no_eviction, check_no_eviction_async, connect_async
+
+    memories = check_no_eviction(cluster_client)
+    assert len(memories) == 3 and all(m.policy == "noeviction" and m.used_memory > 0 for m in memories)
+    node = cluster_client.get_primaries()[1]
+    cluster_client.config_set("maxmemory-policy", "volatile-ttl", target_nodes=node)
+    try:
+        with pytest.raises(EvictingStoreError, match=f"{node.name} has maxmemory-policy volatile-ttl"):
+            check_no_eviction(cluster_client)
+        assert len(check_no_eviction(cluster_client, allow=True)) == 3
+
+        async def main():
+            client = await connect_async(redis_cluster)
+            try:
+                with pytest.raises(EvictingStoreError, match="volatile-ttl"):
+                    await check_no_eviction_async(client)
+            finally:
+                await client.aclose()
+
+        asyncio.run(main())
+    finally:
+        cluster_client.config_set("maxmemory-policy", "noeviction", target_nodes=node)
