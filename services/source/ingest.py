@@ -1,6 +1,6 @@
 """The ingest path: featurize -> (history for streaming user-order) -> source model -> stream -> store.
 
-What an InsEmb depends on (DESIGN.md section 4; README "What an InsEmb depends on"): the
+What an InsEmb depends on (DESIGN.md section 4; README "Stored instances and history reads"): the
 instance and the user's earlier STORED instances only, never how far a stream consumer lags.
 The store writes a record and its sequence membership together (one script per user,
 storage/write_instances.lua), so the sequence read here holds every instance stored so far.
