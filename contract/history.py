@@ -23,6 +23,7 @@ class History:
     missing: int = 0           # in the sequence, record gone (TTL)
     version_mismatch: int = 0  # skipped: written by another source-model version
     incompatible: int = 0      # skipped: another embedding dim or code length
+    skipped: list | None = None  # what a read examined and did not use, with the reason (on request)
 
     def __len__(self) -> int:
         return int(self.timestamps_ms.shape[0])

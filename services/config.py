@@ -32,6 +32,14 @@ class Settings(BaseSettings):
     )
     stream_trim_interval_s: float = Field(default=1.0, gt=0, description="sequencer: XTRIM MINID behind the groups this often")
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After of the 503s of store errors and backpressure")
+    # An evicting maxmemory-policy deletes records and whole sequences silently (every key of
+    # the store carries a TTL, so volatile-* evicts them as allkeys-* does): services refuse to
+    # start on one, and readiness fails, unless this is set.
+    allow_evicting_redis: bool = False
+    history_scan_factor: int = Field(
+        default=4, ge=1,
+        description="a history read of L instances examines at most this x L sequence members, "
+                    "reaching back past missing and other-version records")
 
     # Models and data.
     model_dir: Path = Path("artifacts/models")

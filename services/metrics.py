@@ -41,6 +41,12 @@ DEGRADED = Counter(
 MISSING_RECORDS = Counter(
     "iat_ranking_missing_records_total", "Sequence members whose record was missing (expired)",
 )
+HISTORY_SKIPPED = Counter(
+    "iat_ranking_history_skipped_total",
+    "Sequence members a history read skipped, by reason: missing (record gone; the member is "
+    "removed), version_mismatch (another source-model version), incompatible (another layout)",
+    ["reason"],
+)
 MODEL_RELOADS = Counter(
     "iat_ranking_model_reloads_total", "Model (re)load attempts by outcome", ["model", "outcome"],
 )
@@ -89,4 +95,12 @@ WORKER_ERRORS = Counter(
     "iat_worker_errors_total",
     "Failed passes of a background worker by worker role and error class; each is retried after a backoff",
     ["worker", "error"],
+)
+
+# --- store (every service) -----------------------------------------------------------
+STORE_USED_MEMORY = Gauge(
+    "iat_store_used_memory_bytes", "Redis used_memory per server (node), read at each scrape", ["node"],
+)
+STORE_MAXMEMORY = Gauge(
+    "iat_store_maxmemory_bytes", "Redis maxmemory per server (node); 0 = no limit", ["node"],
 )

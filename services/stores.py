@@ -28,7 +28,7 @@ async def async_redis_client(settings: Settings):
 
 def _store_options(settings: Settings, layout: RecordLayout | None) -> dict:
     options = {"prefix": settings.key_prefix, "retention_days": settings.retention_days,
-               "max_sequence_length": settings.max_sequence_length}
+               "max_sequence_length": settings.max_sequence_length, "scan_factor": settings.history_scan_factor}
     if layout is not None:
         options.update(dim=layout.dim, codec=layout.codec, tasks=layout.tasks, code_length=layout.code_length,
                        code_dtype=np.dtype(layout.code_dtype))

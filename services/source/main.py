@@ -18,7 +18,7 @@ from contract.layout import RecordLayout
 from models.runtime.loader import latest_version, load_source_model
 from services import metrics
 from services.config import Settings
-from services.health import WorkerLiveness, health_router
+from services.health import StoreGuard, WorkerLiveness, health_router
 from services.http_errors import (
     error_body,
     install_error_handlers,
@@ -48,6 +48,8 @@ class SourceService:
     def __init__(self, settings: Settings, client=None) -> None:
         self.settings = settings
         self.client = client if client is not None else redis_client(settings)
+        self.store_guard = StoreGuard(self.client, settings.allow_evicting_redis)
+        self.store_guard.check_startup()
         path = latest_version(settings.model_dir, SOURCE_MODEL_NAME)
         if path is None:
             raise FileNotFoundError(f"no source model under {settings.model_dir}/{SOURCE_MODEL_NAME}: run `iat export`")
@@ -90,10 +92,6 @@ class SourceService:
             await self.batcher.stop()
             self.executor.shutdown(wait=False)
 
-        async def store_ok() -> tuple[bool, str]:
-            self.client.ping()
-            return True, "ping ok"
-
         async def model_ok() -> tuple[bool, str]:
             return True, f"{self.model.name} {self.model.version} ({self.model.runtime} on {self.model.device})"
 
@@ -101,7 +99,7 @@ class SourceService:
                       description="Turns instances into InsEmbs and SIF codes, stores them, streams them.")
         install_error_handlers(app)
         install_store_error_handler(app, retry_after_s=self.settings.retry_after_s)
-        app.include_router(health_router({"store": store_ok, "model": model_ok}, self.liveness))
+        app.include_router(health_router({"model": model_ok}, self.liveness, store=self.store_guard))
         app.add_middleware(RequestGuard, token=self.settings.token, max_body_bytes=self.settings.max_body_bytes)
 
         @app.post("/v1/instances", response_model=IngestResponse)

@@ -120,9 +120,11 @@ def test_ttl_set_and_expired_records_counted_missing(backend):
     store_seq_only = InstanceStore(client, prefix="short", dim=DIM, tasks=TASKS, retention_days=None)
     store_seq_only.append_to_sequences([("u", i, i) for i in range(3)])
     time.sleep(0.45)  # records expire, the sequence (no TTL here) keeps their ids
-    for read in (short.read_history, short.read_history_two_trips):
+    # The two-trip baseline only reads; the fused read also removes the dangling members.
+    for read in (short.read_history_two_trips, short.read_history):
         history = read("u", 100, 10)
         assert len(history) == 0 and history.missing == 3
+    assert short.sequence_length("u") == 0 and short.read_history("u", 100, 10).missing == 0
     client.delete(store.record_key("u", 2))
     history = store.read_history("u", 100, 10)
     assert list(history.ins_ids) == [4, 3, 1, 0] and history.missing == 1
