@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.backoff import AbstractBackoff, ExponentialBackoff
 
 from services import metrics as service_metrics
-from storage.errors import STORE_ERRORS, UNREACHABLE
+from storage.errors import UNREACHABLE, is_transient
 from storage.stream import StreamBacklogFull
 
 log = logging.getLogger(__name__)
@@ -117,10 +117,10 @@ def worker_backoff(base_s: float, cap_s: float) -> AbstractBackoff:
 def _failed(liveness: WorkerLiveness, role: str, exc: Exception, failures: int, delay: float) -> None:
     liveness.failed(exc)
     service_metrics.WORKER_ERRORS.labels(role, type(exc).__name__).inc()
-    if isinstance(exc, STORE_ERRORS + WAITING):
+    if isinstance(exc, WAITING) or is_transient(exc):
         log.warning("%s: %s: %s (failure %d in a row); retrying in %.2fs",
                     liveness.name, type(exc).__name__, exc, failures, delay)
-    else:  # not a store error: a bug or bad data; the traceback is what a developer needs
+    else:  # not a passing store condition: a bug or bad data; the traceback is what a developer needs
         log.error("%s: %s (failure %d in a row); retrying in %.2fs", liveness.name, type(exc).__name__,
                   failures, delay, exc_info=exc)
 

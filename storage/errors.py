@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import re
+
 import redis.exceptions
 
 STORE_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, ConnectionError, OSError)
@@ -17,13 +19,15 @@ UNREACHABLE: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError
 # Error replies a healthy server gives while it cannot take writes or is moving data.
 _TRANSIENT_REPLIES = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN",
                       "NOREPLICAS", "MOVED", "ASK")
+_TRANSIENT = re.compile(r"(?:^|[\s-])(?:" + "|".join(_TRANSIENT_REPLIES) + r")\b")
 
 
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, UNREACHABLE):
         return True
     if isinstance(exc, redis.exceptions.ResponseError):
-        return str(exc).lstrip("-").split(" ", 1)[0].upper() in _TRANSIENT_REPLIES
+        # the reply's first word, also when a script wraps it ("Error running script ... -OOM ...")
+        return bool(_TRANSIENT.search(str(exc)))
     return False
 
 

@@ -88,7 +88,7 @@ def test_ranking_service_loads_no_training_module(movielens_models, redis_server
             proc.terminate()
             proc.wait(timeout=30)
     modules = _imported_modules(log.read_text())
-    assert "models.runtime.loader" in modules and "services.ranking.main" in modules  # the parse works
+    assert "models.runtime.loader" in modules and "services.ranking.serving" in modules  # the parse works
     loaded = sorted(m for m in modules if m.split(".")[0] in ("models", "harness", "loadtests", "tqdm", "matplotlib")
                     and any(m == bad or m.startswith(bad + ".") for bad in NOT_IN_SERVING))
     assert loaded == [], f"the ranking service imported {loaded}"

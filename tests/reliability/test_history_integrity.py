@@ -21,12 +21,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from models.hashing import ins_id
-from models.raw import raw_instances
-from models.schema import load_schema
-from models.serving import latest_version
-from services.processes import ServiceProcess, free_port
 
+from harness.processes import ServiceProcess, free_port
+from models.data.raw import raw_instances
+from models.data.schema import load_schema
+from models.runtime.hashing import ins_id
+from models.runtime.loader import latest_version
 from storage.connection import EmbeddedRedis, connect
 from storage.instance_store import InstanceStore
 from storage.records import InstanceRecord
