@@ -355,11 +355,49 @@ def export_torchscript(module: nn.Module, path: Path) -> Path:
     return path
 
 
-def export_aoti(module: nn.Module, path: Path, max_history: int) -> Path:
-    """torch.export with dynamic history length and candidate count, then AOTInductor."""
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` / ``cuda:N``, or ``auto`` (CUDA when torch sees a GPU, else CPU). A CUDA
+    device on a machine where torch sees none is refused here, by name, not at first use."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected cpu, cuda, cuda:N or auto, got {str(device)!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(f"device {str(device)!r}: torch {torch.__version__} ({build}) sees no CUDA device "
+                         f"on this machine; use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
+
+
+def cuda_arch(device: torch.device) -> str:
+    """The GPU's compute capability as nvcc names it (``sm_90``): what AOTInductor compiles for."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def aoti_target(device: torch.device) -> dict:
+    """Manifest keys saying what an AOTInductor package was compiled for (checked at load)."""
+    if device.type != "cuda":
+        return {"aoti_device": device.type}
+    return {"aoti_device": "cuda", "aoti_cuda_arch": cuda_arch(device),
+            "aoti_gpu": torch.cuda.get_device_name(device), "aoti_cuda_version": torch.version.cuda}
+
+
+def export_aoti(module: nn.Module, path: Path, max_history: int, device: torch.device | None = None) -> Path:
+    """torch.export with dynamic history length and candidate count, then AOTInductor, for
+    ``device`` (default CPU): the module is moved there and traced on inputs there, so the
+    package holds that device's kernels and runs only on it."""
+    device = device or torch.device("cpu")
+    module = module.to(device)
+    inputs = tuple(t.to(device) for t in example_inputs(module))
     with torch.no_grad():
-        program = torch.export.export(module, example_inputs(module),
-                                      dynamic_shapes=dynamic_shapes(module, max_history))
+        program = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes(module, max_history))
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     return path
 
@@ -367,7 +405,7 @@ def export_aoti(module: nn.Module, path: Path, max_history: int) -> Path:
 # ---------------------------------------------------------------- a run dir -> versioned artifacts
 
 def _manifest(name: str, version: str, created: str, config: dict, run: dict, source_version: str,
-              aoti_device: str | None) -> dict:
+              aoti: dict | None) -> dict:
     mc = config.get("model_config", {})
     manifest = {
         "name": name, "kind": config["kind"], "version": version, "created": created,
@@ -386,9 +424,9 @@ def _manifest(name: str, version: str, created: str, config: dict, run: dict, so
     }
     if "settings" in config:
         manifest["codebook_size"] = int(config["settings"]["codebook_size"])
-    if aoti_device:
+    if aoti:
         manifest["runtimes"]["aoti"] = AOTI_NAME
-        manifest["aoti_device"] = aoti_device
+        manifest.update(aoti)
     return manifest
 
 
@@ -396,9 +434,10 @@ TORCHSCRIPT_NAME, AOTI_NAME = "model.pt", "model.pt2"
 
 
 def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
-               progress=print) -> dict[str, Path]:
+               progress=print, device: str | torch.device = "cpu") -> dict[str, Path]:
     """For each model of a training run: MODEL_DIR/<name>/<version>/ with weights.pt, config.json,
-    model.pt (TorchScript), model.pt2 (AOTInductor, unless ``aoti`` is False) and manifest.json.
+    model.pt (TorchScript, device-free: it loads on any device), model.pt2 (AOTInductor for
+    ``device``, unless ``aoti`` is False) and manifest.json.
     The source is exported first: the rankers' ``source_version`` is its version."""
     import json
     import shutil
@@ -412,7 +451,7 @@ def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
     run = read_json(run_dir / RUN_FILE, "run.json (is --from a directory written by `iat train`?)")
     now = datetime.now(timezone.utc)
     created = now.isoformat(timespec="seconds")
-    device = "cpu"
+    device = resolve_device(device)
     out: dict[str, Path] = {}
     source_version = ""
     for name in ("source", "iat", "sif"):
@@ -438,10 +477,10 @@ def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
         progress(f"{name}: TorchScript in {time.perf_counter() - t0:.1f}s")
         if aoti:
             t0 = time.perf_counter()
-            export_aoti(module, staging / AOTI_NAME, int(config["history_length"]))
-            progress(f"{name}: AOTInductor package in {time.perf_counter() - t0:.1f}s")
+            export_aoti(module, staging / AOTI_NAME, int(config["history_length"]), device)
+            progress(f"{name}: AOTInductor package for {device.type} in {time.perf_counter() - t0:.1f}s")
         write_manifest(staging, _manifest(name, version, created, config, run, source_version,
-                                          device if aoti else None))
+                                          aoti_target(device) if aoti else None))
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)  # a version directory appears complete or not at all
