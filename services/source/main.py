@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from models.serving import latest_version, load_source_model
 from services import metrics
 from services.config import Settings
+from services.cpus import configure_torch_threads, report_worker_threads
 from services.health import health_router
 from services.http_errors import error_body, install_error_handlers
 from services.security import RequestGuard
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 SOURCE_MODEL_NAME = "source"
 # The store is down or too slow (IAT_REDIS_TIMEOUT_S): 503, the client retries; ingest is idempotent.
 STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, OSError)
+# One executor thread runs the model: micro-batches are coalesced, never run side by side.
+MODEL_WORKERS = 1
 
 
 class SourceService:
@@ -55,7 +58,7 @@ class SourceService:
         )
         self.stream = InstanceStream(self.client, prefix=settings.key_prefix, maxlen=settings.stream_maxlen)
         self.ingestor = Ingestor(self.model, self.store, self.stream)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
+        self.executor = ThreadPoolExecutor(max_workers=MODEL_WORKERS, thread_name_prefix="ingest")
         self.batcher = MicroBatcher(
             self.ingestor.ingest, self.executor, max_batch=settings.ingest_max_batch,
             max_wait_s=settings.ingest_max_wait_ms / 1000.0, on_batch=metrics.INGEST_BATCH_SIZE.observe,
@@ -71,6 +74,7 @@ class SourceService:
         @asynccontextmanager
         async def lifespan(_: FastAPI):
             self.batcher.start()
+            await report_worker_threads(self.executor)
             consumer = None
             if self.settings.raw_stream:
                 name = self.settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
@@ -118,6 +122,7 @@ class SourceService:
 
 
 def serve(settings: Settings, host: str, port: int) -> int:
+    configure_torch_threads(settings.torch_threads, workers=MODEL_WORKERS)
     service = SourceService(settings)
     log.info("source: model %s %s, HTTP on %s:%d", service.model.name, service.model.version, host, port)
     uvicorn.run(service.app(), host=host, port=port, log_level="warning", access_log=False)
