@@ -78,7 +78,7 @@ def build_bench_model(work: Path, aoti: bool, progress=print) -> Path:
         progress(f"AOTInductor compile: {time.perf_counter() - t0:.1f}s")
     run = {"feature_spec": FeatureSpec.from_prepared(data).to_json(), "dataset": "synthetic"}
     write_manifest(version, manifest_for("iat", version.name, "2000-01-01T00:00:00", config, run,
-                                      "bench", "cpu" if aoti else None))
+                                      "bench", {"aoti_device": "cpu"} if aoti else None))
     return version
 
 

@@ -239,7 +239,8 @@ def saturate(call, concurrency: int, seconds: float) -> dict:
     lat: list[list[float]] = [[] for _ in range(concurrency)]
 
     def worker(k: int) -> None:
-        while time.perf_counter() < stop:
+        # at least one call each, however late a loaded machine starts the thread
+        while time.perf_counter() < stop or not (done[k] or errors[k]):
             s = time.perf_counter()
             try:
                 call()

@@ -80,7 +80,7 @@ async def _asgi(service, batches: list[list[dict]], concurrency: int, seconds: f
 
         async def worker():
             nonlocal done
-            while queue and time.perf_counter() < stop:
+            while queue and (time.perf_counter() < stop or not done):  # at least one batch, however loaded
                 batch = queue.pop()
                 response = await client.post("/v1/instances", json={"instances": batch})
                 if response.status_code != 200:
@@ -102,7 +102,7 @@ def _http(base_url: str, batches: list[list[dict]], concurrency: int, seconds: f
 
     def worker():
         with httpx.Client(base_url=base_url, timeout=120) as client:
-            while time.perf_counter() < stop:
+            while time.perf_counter() < stop or not done[0]:  # at least one batch, however loaded
                 with lock:
                     if not queue:
                         return
@@ -159,7 +159,7 @@ def measure(args, model_dir: Path, redis_url: str, instances: list[dict]) -> lis
                     stop = start + args.seconds
                     done = 0
                     for batch in typed:
-                        if time.perf_counter() >= stop:
+                        if time.perf_counter() >= stop and done:
                             break
                         service.ingestor.ingest(batch)
                         done += len(batch)

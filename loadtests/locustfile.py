@@ -15,10 +15,16 @@ Environment:
   IAT_LOADTEST_MAX_USERS   draw requests from the first N users (sorted ids) only: those seeded
   IAT_LOADTEST_CANDIDATES  "lo,hi" candidates per request (default 100,500)
   IAT_LOADTEST_INGEST_BATCH instances per ingest POST (default 16)
+  IAT_LOADTEST_UNTIL_REQUESTS quit once every request kind (gRPC Score, REST score, ingest) has this
+                           many successful answers; --run-time is then only the deadline (exit 3 if it
+                           comes first)
 """
 from __future__ import annotations
 
+import csv
 import itertools
+import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -31,16 +37,19 @@ try:  # gRPC's blocking calls must yield to Locust's gevent loop
 except ImportError:  # pragma: no cover - grpcio without gevent support
     pass
 
+import gevent
 import grpc
 import numpy as np
 from iat.ranking.v1 import ranking_pb2_grpc
-from locust import HttpUser, User, between, task
+from locust import HttpUser, User, between, events, task
 from locust.clients import HttpSession
+from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
 from harness.bench_ranking import MovieLensWorkload, to_proto
 from services.config import Settings
 
 POOL_SIZE = 64  # prebuilt requests per protocol: the client must not eat the cores it measures
+REQUEST_KINDS = ("Score", "/v1/score", "/v1/instances")  # first word of each request name
 _lock = threading.Lock()
 _workload = None
 
@@ -120,6 +129,47 @@ def auth_headers() -> dict[str, str]:
 
 def size_bucket(n_candidates: int) -> str:
     return "C<300" if n_candidates < 300 else "C>=300"
+
+
+def request_kind(name: str) -> str:
+    return name.split(" ", 1)[0]
+
+
+@events.init.add_listener
+def quit_once_every_kind_answered(environment, **_kwargs) -> None:
+    """IAT_LOADTEST_UNTIL_REQUESTS=N: a run bounded by a count of answers, not by a duration. On
+    a loaded machine a fixed-length run can end before the slowest kind has answered at all."""
+    wanted = int(os.environ.get("IAT_LOADTEST_UNTIL_REQUESTS", "0"))
+    if wanted <= 0:
+        return
+    answered = dict.fromkeys(REQUEST_KINDS, 0)
+    quitting: list = []
+
+    def on_request(name: str, exception=None, **_kw) -> None:
+        kind = request_kind(name)
+        if exception is None and kind in answered:
+            answered[kind] += 1
+        if not quitting and min(answered.values()) >= wanted and environment.runner is not None:
+            # from its own greenlet, as Locust's --run-time does: this one is a user's
+            quitting.append(gevent.spawn(environment.runner.quit))
+
+    def on_quitting(environment, **_kw) -> None:
+        if min(answered.values()) < wanted:  # --run-time, the deadline, came first
+            logging.getLogger(__name__).error("deadline reached before %d answers of every kind: %s", wanted, answered)
+            environment.process_exit_code = 3
+
+    environment.events.request.add_listener(on_request)
+    environment.events.quitting.add_listener(on_quitting)
+
+
+@events.quitting.add_listener
+def write_final_stats(environment, **_kwargs) -> None:
+    """Locust rewrites ``<--csv>_stats.csv`` once a second, so the last second of a run (all of a
+    short one) is missing from it: written once more when the users have stopped."""
+    prefix = getattr(environment.parsed_options, "csv_prefix", None)
+    if prefix:
+        with open(f"{prefix}_stats.csv", "w", newline="") as fh:
+            StatsCSV(environment, PERCENTILES_TO_REPORT).requests_csv(csv.writer(fh))
 
 
 class GrpcScoreUser(User):

@@ -62,7 +62,9 @@ def read_stats(csv_path: Path) -> list[dict]:
 
 
 def summary_markdown(stats: list[dict], meta: dict) -> str:
-    lines = [f"Locust {meta['duration']} headless, {meta['users']} users (Locust class weights gRPC:REST:ingest = 3:1:1), "
+    run = (f"until {meta['until_requests']} answers of each kind (deadline {meta['duration']})"
+           if meta.get("until_requests") else meta["duration"])
+    lines = [f"Locust {run} headless, {meta['users']} users (Locust class weights gRPC:REST:ingest = 3:1:1), "
              f"{meta['max_users']} seeded MovieLens users, {meta['candidates']} candidates, model {meta['model']}; "
              f"{meta['cpus']} CPUs shared by Locust, Redis and the three services.", "",
              "| type | name | requests | failures | req/s | p50 ms | p95 ms | p99 ms |",
@@ -75,7 +77,10 @@ def summary_markdown(stats: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", default="60s")
+    parser.add_argument("--duration", default="60s", help="run time; with --until-requests, the deadline")
+    parser.add_argument("--until-requests", type=int, default=0,
+                        help="stop once gRPC Score, REST score and ingest each have this many successful "
+                             "answers (0: run for --duration); not reaching it by --duration fails the run (exit 3)")
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--spawn-rate", type=float, default=4)
     parser.add_argument("--max-users", type=int, default=150, help="MovieLens users seeded and requested")
@@ -112,21 +117,21 @@ def main(argv: list[str] | None = None) -> int:
         prefix = out / "locust"
         locust_env = {**os.environ, "IAT_GRPC_TARGET": f"127.0.0.1:{grpc_port}", "IAT_SOURCE_URL": source.base_url,
                       "IAT_LOADTEST_MAX_USERS": str(args.max_users), "IAT_LOADTEST_CANDIDATES": args.candidates,
-                      "IAT_DATA_DIR": str(data_dir.parent)}
+                      "IAT_DATA_DIR": str(data_dir.parent), "IAT_LOADTEST_UNTIL_REQUESTS": str(args.until_requests)}
         locust_env.pop("IAT_API_TOKEN", None)
         cmd = [sys.executable, "-m", "locust", "-f", str(Path(__file__).with_name("locustfile.py")), "--headless",
                "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration, "--host", ranking.base_url,
                "--csv", str(prefix), "--only-summary", "--stop-timeout", "10"]
         print(" ".join(cmd), flush=True)
         rc = subprocess.call(cmd, env=locust_env)
-        if rc not in (0, 1):  # 1: some requests failed (reported in the CSVs)
+        if rc not in (0, 1):  # 1: some requests failed (reported in the CSVs); 3: --until-requests not met
             return rc
     finally:
         for s in reversed(services):
             s.stop()
         redis.stop()
     manifest = json.loads(next((Path(model_dir) / "iat").glob("*/manifest.json")).read_text())
-    meta = {"duration": args.duration, "users": args.users, "spawn_rate": args.spawn_rate, "max_users": args.max_users,
+    meta = {"duration": args.duration, "until_requests": args.until_requests, "users": args.users, "spawn_rate": args.spawn_rate, "max_users": args.max_users,
             "candidates": args.candidates.replace(",", "-"), "cpus": os.cpu_count(), "python": platform.python_version(),
             "model": f"iat L={manifest['max_history']} ({manifest['training']['dataset']})",
             "command": "python -m loadtests.run " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from contract.inputs import CONTRACTS, MAX_CANDIDATES, MIN_DYNAMIC
+from models.runtime.device import aoti_target, resolve_device
 from models.runtime.modules import build_module
 
 # TorchScript is deprecated in torch 2.13 and says so on every trace/save/load; the path is kept
@@ -93,11 +94,15 @@ def export_torchscript(module: nn.Module, path: Path) -> Path:
     return path
 
 
-def export_aoti(module: nn.Module, path: Path, max_history: int) -> Path:
-    """torch.export with dynamic history length and candidate count, then AOTInductor."""
+def export_aoti(module: nn.Module, path: Path, max_history: int, device: torch.device | None = None) -> Path:
+    """torch.export with dynamic history length and candidate count, then AOTInductor, for
+    ``device`` (default CPU): the module is moved there and traced on inputs there, so the
+    package holds that device's kernels and runs only on it."""
+    device = device or torch.device("cpu")
+    module = module.to(device)
+    inputs = tuple(t.to(device) for t in example_inputs(module))
     with torch.no_grad():
-        program = torch.export.export(module, example_inputs(module),
-                                      dynamic_shapes=dynamic_shapes(module, max_history))
+        program = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes(module, max_history))
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     return path
 
@@ -105,7 +110,7 @@ def export_aoti(module: nn.Module, path: Path, max_history: int) -> Path:
 # ---------------------------------------------------------------- a run dir -> versioned artifacts
 
 def manifest_for(name: str, version: str, created: str, config: dict, run: dict, source_version: str,
-              aoti_device: str | None) -> dict:
+                 aoti: dict | None) -> dict:
     mc = config.get("model_config", {})
     manifest = {
         "name": name, "kind": config["kind"], "version": version, "created": created,
@@ -124,9 +129,9 @@ def manifest_for(name: str, version: str, created: str, config: dict, run: dict,
     }
     if "settings" in config:
         manifest["codebook_size"] = int(config["settings"]["codebook_size"])
-    if aoti_device:
+    if aoti:
         manifest["runtimes"]["aoti"] = AOTI_NAME
-        manifest["aoti_device"] = aoti_device
+        manifest.update(aoti)
     return manifest
 
 
@@ -134,9 +139,10 @@ TORCHSCRIPT_NAME, AOTI_NAME = "model.pt", "model.pt2"
 
 
 def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
-               progress=print) -> dict[str, Path]:
+               progress=print, device: str | torch.device = "cpu") -> dict[str, Path]:
     """For each model of a training run: MODEL_DIR/<name>/<version>/ with weights.pt, config.json,
-    model.pt (TorchScript), model.pt2 (AOTInductor, unless ``aoti`` is False) and manifest.json.
+    model.pt (TorchScript, device-free: it loads on any device), model.pt2 (AOTInductor for
+    ``device``, unless ``aoti`` is False) and manifest.json.
     The source is exported first: the rankers' ``source_version`` is its version."""
     import json
     import shutil
@@ -158,7 +164,7 @@ def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
     run = read_json(run_dir / RUN_FILE, "run.json (is --from a directory written by `iat train`?)")
     now = datetime.now(timezone.utc)
     created = now.isoformat(timespec="seconds")
-    device = "cpu"
+    device = resolve_device(device)
     out: dict[str, Path] = {}
     source_version = ""
     for name in ("source", "iat", "sif"):
@@ -184,10 +190,10 @@ def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
         progress(f"{name}: TorchScript in {time.perf_counter() - t0:.1f}s")
         if aoti:
             t0 = time.perf_counter()
-            export_aoti(module, staging / AOTI_NAME, int(config["history_length"]))
-            progress(f"{name}: AOTInductor package in {time.perf_counter() - t0:.1f}s")
+            export_aoti(module, staging / AOTI_NAME, int(config["history_length"]), device)
+            progress(f"{name}: AOTInductor package for {device.type} in {time.perf_counter() - t0:.1f}s")
         write_manifest(staging, manifest_for(name, version, created, config, run, source_version,
-                                          device if aoti else None))
+                                          aoti_target(device) if aoti else None))
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)  # a version directory appears complete or not at all

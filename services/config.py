@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("../shared/data")
     runtime: str = Field(default="torchscript", pattern="^(torchscript|aoti|eager)$")
     device: str = "auto"
+    torch_threads: int = Field(
+        default=0, ge=0,
+        description="torch intra-op threads per service process; 0 = CPUs available (affinity and "
+                    "cgroup CPU quota) divided by the model workers that run forwards concurrently")
 
     # Ranking.
     max_candidates: int = Field(default=2000, gt=0)

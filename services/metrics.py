@@ -15,6 +15,14 @@ LATENCY_BUCKETS = (
 )
 SIZE_BUCKETS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
+# --- process ---------------------------------------------------------------------------
+TORCH_THREADS = Gauge(
+    "iat_torch_threads", "torch intra-op threads this process uses (IAT_TORCH_THREADS, or CPUs / model workers)",
+)
+CPUS_AVAILABLE = Gauge(
+    "iat_cpus_available", "CPUs this process may use: its affinity capped by the cgroup CPU quota",
+)
+
 # --- ranking -------------------------------------------------------------------------
 SCORE_LATENCY = Histogram(
     "iat_ranking_request_seconds", "Score latency end to end, by protocol and status",

@@ -98,7 +98,7 @@ class Backbone(nn.Module):
         cat = batch["cat"]
         p = self.cfg.user_feature_dropout
         if self.training and p > 0 and len(self.user_cols):
-            hide = torch.rand(cat.shape[0], 1) < p
+            hide = torch.rand(cat.shape[0], 1, device=cat.device) < p  # training only, never traced
             cat = cat.clone()
             cat[:, self.user_cols] = torch.where(hide, torch.full_like(cat[:, self.user_cols], -1),
                                                  cat[:, self.user_cols])

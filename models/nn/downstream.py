@@ -93,7 +93,8 @@ class IATDownstream(nn.Module):
             raise RuntimeError("encode_history is only defined for attention='shared'")
         b = tokens.shape[0]
         x = torch.cat([self.null.expand(b, -1, -1), tokens], dim=1)
-        mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
+        # from the input, not device=: a trace freezes a factory's device into the graph
+        mask = torch.cat([mask.new_ones((b, 1), dtype=torch.bool), mask], dim=1)
         for block in self.encoder:
             x = block(x, mask)
         keys, values = self.cross.project_memory(x)

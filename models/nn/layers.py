@@ -83,7 +83,8 @@ class TargetAttention(nn.Module):
     def forward(self, target: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, _, d = seq.shape
         seq = torch.cat([self.null.expand(b, -1, -1), seq], dim=1)
-        mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
+        # from the input, not device=: a trace freezes a factory's device into the graph
+        mask = torch.cat([mask.new_ones((b, 1), dtype=torch.bool), mask], dim=1)
         if self.kind == "transformer":
             seq = seq + self.pos[: seq.shape[1]]
             k, v = self.attn.project_memory(seq)

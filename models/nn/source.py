@@ -47,7 +47,9 @@ def sit_mask(ts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     then newest-first in streaming)."""
     s = ts.shape[1]
     allowed = (ts[:, None, :] < ts[:, :, None]) & valid[:, None, :]
-    return allowed | torch.eye(s, dtype=torch.bool, device=ts.device)[None]
+    # the identity built from a tensor, not torch.eye(device=): a trace freezes a factory's device
+    ones = allowed.new_ones((s, s))
+    return allowed | (ones.tril() & ones.triu())[None]
 
 
 class UserOrderSource(TemporalOrderSource):

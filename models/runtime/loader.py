@@ -9,7 +9,9 @@
 Runtimes: ``torchscript`` (model.pt), ``aoti`` (model.pt2, AOTInductor) and ``eager``
 (config.json + weights.pt, ``torch.load(weights_only=True)``); all run the same serving module of
 ``models.runtime.modules`` and agree within 1e-5. Every file a runtime reads is sha256-checked against
-manifest.json BEFORE it is deserialised. Device: CUDA when present, else CPU.
+manifest.json BEFORE it is deserialised. Device: CUDA when present, else CPU (``auto``).
+TorchScript and eager load on any device (the exported graphs hold no device); an AOTInductor
+package runs only on the device type, and GPU architecture, it was compiled for.
 
 ``models.training.offline.offline_scores`` is what the trained eager model predicts for dataset rows with histories built
 offline (``PreparedData.history_index``); the ranking service, fed the same instances through the
@@ -37,6 +39,7 @@ from contract.artifacts import (
 )
 from contract.history import History
 from contract.inputs import MIN_DYNAMIC
+from models.runtime.device import cuda_arch, resolve_device
 from models.runtime.featurizer import FeatureSpec, Featurizer
 from models.runtime.modules import build_module
 
@@ -52,10 +55,18 @@ __all__ = ["ArtifactError", "History", "RankingModel", "SourceModel", "RUNTIMES"
            "latest_version", "load_ranking_model", "load_source_model", "offline_scores"]
 
 
-def _device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def aoti_mismatch(manifest: dict, device: torch.device, arch: str | None) -> str | None:
+    """Why an AOTInductor package cannot run on ``device`` (a GPU of compute capability
+    ``arch``), or None when it can: a package holds compiled kernels for one device type and,
+    on CUDA, one GPU architecture."""
+    built_for = manifest.get("aoti_device", "cpu")
+    if built_for != device.type:
+        return f"compiled for {built_for}, cannot run on {device.type}"
+    built_arch = manifest.get("aoti_cuda_arch")
+    if device.type == "cuda" and built_arch and arch and built_arch != arch:
+        return (f"compiled for a {built_arch} GPU ({manifest.get('aoti_gpu', '?')}), "
+                f"this GPU is {arch}")
+    return None
 
 
 def _load_runner(version_dir: Path, runtime: str, device: torch.device, manifest: dict):
@@ -68,11 +79,12 @@ def _load_runner(version_dir: Path, runtime: str, device: torch.device, manifest
         return module.to(device).eval()
     if runtime == "torchscript":
         return torch.jit.load(str(version_dir / TORCHSCRIPT_FILE), map_location=device).eval()
-    built_for = manifest.aoti_device or "cpu"
-    if built_for != device.type:
-        raise ArtifactError(f"{version_dir / AOTI_FILE}: compiled for {built_for}, cannot run on {device.type} "
-                            f"(export on a {device.type} machine, or use runtime torchscript/eager)")
-    return torch._inductor.aoti_load_package(str(version_dir / AOTI_FILE))
+    why = aoti_mismatch(manifest, device, cuda_arch(device) if device.type == "cuda" else None)
+    if why:
+        raise ArtifactError(f"{version_dir / AOTI_FILE}: {why} (export again where it will run: "
+                            f"`iat export --device {device.type}`, or use runtime torchscript/eager)")
+    return torch._inductor.aoti_load_package(str(version_dir / AOTI_FILE),
+                                             device_index=device.index if device.index is not None else -1)
 
 
 def _open(path: str | Path, runtime: str, device: str, kinds: tuple[str, ...]):
@@ -84,7 +96,7 @@ def _open(path: str | Path, runtime: str, device: str, kinds: tuple[str, ...]):
     manifest = verify(version_dir, RUNTIME_FILES[runtime])  # sha256 BEFORE any load
     if manifest.kind not in kinds:
         raise ArtifactError(f"{version_dir / MANIFEST}: key 'kind' is {manifest.kind!r}, expected one of {kinds}")
-    dev = _device(device)
+    dev = resolve_device(device)
     return version_dir, manifest, dev, _load_runner(version_dir, runtime, dev, manifest)
 
 

@@ -8,6 +8,7 @@ import logging
 import uvicorn
 
 from services.config import Settings
+from services.cpus import configure_torch_threads, report_worker_threads
 from services.health import StoreGuard
 from services.ranking.grpc_server import start_grpc_server
 from services.ranking.http_app import create_app
@@ -43,6 +44,7 @@ async def watch_models(serving: RankingServing, interval_s: float) -> None:
 
 async def serve_async(settings: Settings, host: str, port: int) -> int:
     serving = await build_serving(settings)
+    await report_worker_threads(serving.executor)
     grpc_server, grpc_port = await start_grpc_server(serving, host, settings.ranking_grpc_port)
     http = uvicorn.Server(uvicorn.Config(create_app(serving), host=host, port=port, log_level="warning",
                                          access_log=False))
@@ -64,4 +66,6 @@ async def serve_async(settings: Settings, host: str, port: int) -> int:
 
 
 def serve(settings: Settings, host: str, port: int) -> int:
+    # IAT_MODEL_THREADS executor threads run forwards concurrently: they share the CPUs
+    configure_torch_threads(settings.torch_threads, workers=settings.model_threads)
     return asyncio.run(serve_async(settings, host, port))

@@ -18,6 +18,7 @@ from contract.layout import RecordLayout
 from models.runtime.loader import latest_version, load_source_model
 from services import metrics
 from services.config import Settings
+from services.cpus import configure_torch_threads, report_worker_threads
 from services.health import StoreGuard, WorkerLiveness, health_router
 from services.http_errors import (
     error_body,
@@ -42,6 +43,8 @@ from storage.stream import StreamBacklogFull
 
 log = logging.getLogger(__name__)
 SOURCE_MODEL_NAME = "source"
+# One executor thread runs the model: micro-batches are coalesced, never run side by side.
+MODEL_WORKERS = 1
 
 
 class SourceService:
@@ -57,7 +60,7 @@ class SourceService:
         self.store = instance_store(self.client, settings, RecordLayout.from_manifest(self.model.manifest))
         self.stream = instance_stream(self.client, settings)
         self.ingestor = Ingestor(self.model, self.store, self.stream)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
+        self.executor = ThreadPoolExecutor(max_workers=MODEL_WORKERS, thread_name_prefix="ingest")
         self.batcher = MicroBatcher(
             self.ingestor.ingest, self.executor, max_batch=settings.ingest_max_batch,
             max_wait_s=settings.ingest_max_wait_ms / 1000.0, on_batch=metrics.INGEST_BATCH_SIZE.observe,
@@ -77,6 +80,7 @@ class SourceService:
         @asynccontextmanager
         async def lifespan(_: FastAPI):
             self.batcher.start()
+            await report_worker_threads(self.executor)
             consumer = None
             if self.settings.raw_stream:
                 name = self.settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
@@ -131,6 +135,7 @@ class SourceService:
 
 
 def serve(settings: Settings, host: str, port: int) -> int:
+    configure_torch_threads(settings.torch_threads, workers=MODEL_WORKERS)
     service = SourceService(settings)
     log.info("source: model %s %s, HTTP on %s:%d", service.model.name, service.model.version, host, port)
     uvicorn.run(service.app(), host=host, port=port, log_level="warning", access_log=False)

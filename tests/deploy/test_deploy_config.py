@@ -581,6 +581,48 @@ def test_k8s_deployment_matches_the_code(name):
         assert named.get(port["targetPort"], port["targetPort"]) in ports.values(), port
 
 
+def model_workers(service: str, settings: Settings) -> int:
+    """Threads of a service that run model forwards side by side."""
+    from services.source.main import MODEL_WORKERS
+    return {"ranking": settings.model_threads, "source": MODEL_WORKERS}[service]
+
+
+def cpu_quantity(value) -> float:
+    value = str(value)
+    return int(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_k8s_torch_threads_fill_the_cpu_limit_without_oversubscribing(name):
+    """Every model worker's intra-op team, all together, is exactly the pod's CPU limit: fewer
+    leaves paid CPUs idle, more gets the pod throttled by its quota."""
+    import math
+
+    from services.cpus import intra_op_threads
+    (container,) = DEPLOYMENTS[name]["spec"]["template"]["spec"]["containers"]
+    service = parse_iat(container["command"]).service
+    if service not in ("ranking", "source"):
+        return  # runs no model
+    settings = settings_with(container_env(container))
+    limit = container["resources"].get("limits", {}).get("cpu")
+    assert limit is not None, f"{name}: a model service needs a CPU limit (its threads are sized from it)"
+    cpus = math.floor(cpu_quantity(limit))
+    workers = model_workers(service, settings)
+    threads = intra_op_threads(settings.torch_threads, workers, cpus)
+    assert threads * workers == cpus, f"{name}: {workers} workers x {threads} threads, CPU limit {limit}"
+    assert cpu_quantity(container["resources"]["requests"]["cpu"]) == cpu_quantity(limit)
+
+
+def test_compose_model_services_set_their_torch_threads():
+    """No compose service has a CPU limit, so auto (0) would size every team from the host's
+    CPUs: the model services get an explicit count instead."""
+    for name, service in SERVED.items():
+        if service in ("ranking", "source"):
+            svc = COMPOSE["services"][name]
+            settings = settings_with(svc["environment"])
+            assert settings.torch_threads > 0, f"compose {name}: IAT_TORCH_THREADS unset (auto = the host's CPUs)"
+
+
 def test_k8s_every_service_deployed_and_ranking_autoscaled():
     served_k8s = sorted(parse_iat(d["spec"]["template"]["spec"]["containers"][0]["command"]).service
                         for d in DEPLOYMENTS.values())

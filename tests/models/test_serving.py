@@ -1,11 +1,10 @@
 """Serving interface and runtimes on a small serving set trained once per session on real data
 (the first 150 users of MovieLens-100K when IAT_DATA_DIR / ../shared/data has it, else the
 synthetic generator): every runtime equals eager, the service path equals the offline training
-path (no skew), truncation, input errors, sha256 checks. The AOTInductor parity test compiles
-three packages (~1-2 min on 2 cores) and is marked slow."""
+path (no skew), truncation, input errors, sha256 checks. The AOTInductor parity test uses the
+three packages the session compiles once (tests/models/conftest.py) and is marked slow."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,42 +12,9 @@ import pytest
 import torch
 
 from contract.history import History
-from models.data.prepared import load_dataset
-from models.data.schema import load_schema
-from models.nn.base import ModelConfig
 from models.runtime.loader import SourceModel
-from models.training.loop import TrainConfig
-from models.training.registry import ExperimentConfig
 
-HISTORY_LEN = 32   # L of the test IAT model (the SIF model's L is max(8, L // 16) = 8)
-
-
-def load_real_data(tmp_root: Path):
-    """MovieLens-100K (first 150 users) from IAT_DATA_DIR / ../shared/data, else synthetic."""
-    base = Path(os.environ.get("IAT_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
-    schema = load_schema("movielens-100k")
-    for folder in (base, base / schema.name):
-        if (folder / schema.log.path).is_file():
-            data = load_dataset(schema, folder)
-            return data.subset_users(np.arange(150)), "movielens-100k"
-    from models.data.synthetic import synthetic_data
-    return synthetic_data(tmp_root / "synthetic", n_users=120, events_per_user=50), "synthetic"
-
-
-@pytest.fixture(scope="session")
-def serving_run(tmp_path_factory):
-    """(data, run_dir, model_dir, versions {name: path}) - trained and exported once."""
-    from models.export import export_run
-    from models.training.serving_set import train_serving_set
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("serving")
-    data, _ = load_real_data(root)
-    cfg = ExperimentConfig(model=ModelConfig(seq_len=8, history_len=HISTORY_LEN),
-                           train=TrainConfig(epochs=1, progress=False), source_window=32)
-    run_dir = train_serving_set(data, cfg, root / "run", progress=lambda m: None)
-    versions = export_run(run_dir, root / "models", aoti=False, progress=lambda m: None)
-    return data, run_dir, root / "models", versions
+HISTORY_LEN = 32   # the IAT model's L in the serving_run fixture (tests/models/conftest.py)
 
 
 def features(data, rows):
@@ -279,6 +245,39 @@ def test_export_cli_and_latest_version(serving_run, tmp_path):
     assert main(["export", "--from", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_export_for_cuda_without_a_gpu_is_refused_by_name(serving_run, tmp_path, capsys):
+    from cli import main
+    assert main(["export", "--from", str(serving_run[1]), "--out", str(tmp_path), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and "sees no CUDA device" in err
+    assert main(["export", "--from", str(serving_run[1]), "--out", str(tmp_path), "--device", "tpu"]) == 2
+    assert "expected cpu, cuda" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_aoti_package_for_another_device_is_refused_at_load(serving_run, tmp_path):
+    """A package compiled for CUDA (or another GPU architecture) is refused by name before it is
+    deserialised; the check itself needs no GPU."""
+    import shutil
+
+    from contract.artifacts import read_manifest, write_manifest
+    from models.runtime.loader import ArtifactError, aoti_mismatch, load_ranking_model
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert aoti_mismatch({"aoti_device": "cpu"}, cpu, None) is None
+    assert aoti_mismatch({"aoti_device": "cpu"}, cuda, "sm_90") == "compiled for cpu, cannot run on cuda"
+    built = {"aoti_device": "cuda", "aoti_cuda_arch": "sm_80", "aoti_gpu": "NVIDIA A100"}
+    assert aoti_mismatch(built, cuda, "sm_80") is None
+    assert "sm_80 GPU (NVIDIA A100), this GPU is sm_90" in aoti_mismatch(built, cuda, "sm_90")
+    copy = tmp_path / "iat" / serving_run[3]["iat"].name
+    shutil.copytree(serving_run[3]["iat"], copy)
+    (copy / "model.pt2").write_bytes(b"a package compiled elsewhere")
+    manifest = read_manifest(copy)
+    write_manifest(copy, {**manifest, **built, "runtimes": {**manifest["runtimes"], "aoti": "model.pt2"}})
+    with pytest.raises(ArtifactError, match=r"model\.pt2: compiled for cuda, cannot run on cpu .*--device cpu"):
+        load_ranking_model(copy, "aoti", "cpu")
+
+
 def test_torchscript_deprecation_warnings_are_filtered(serving_run):
     import subprocess
     import sys
@@ -292,12 +291,13 @@ def test_torchscript_deprecation_warnings_are_filtered(serving_run):
 
 
 @pytest.mark.slow
-def test_aoti_equals_eager_on_real_batches(serving_run, loaded, tmp_path_factory):
-    """Compiles the three AOTInductor packages once (about 20-30 s each here)."""
-    from models.export import export_run
+def test_aoti_equals_eager_on_real_batches(serving_run, loaded, aoti_versions):
+    """The three AOTInductor packages are compiled once per session (the aoti_versions fixture)."""
+    from contract.artifacts import read_manifest
     from models.runtime.loader import load_ranking_model, load_source_model
-    data, run_dir = serving_run[:2]
-    versions = export_run(run_dir, tmp_path_factory.mktemp("aoti"), aoti=True, progress=lambda m: None)
+    data = serving_run[0]
+    versions = aoti_versions
+    assert all(read_manifest(v)["aoti_device"] == "cpu" for v in versions.values())
     aoti = {"iat": load_ranking_model(versions["iat"], "aoti", "cpu"),
             "sif": load_ranking_model(versions["sif"], "aoti", "cpu"),
             "source": load_source_model(versions["source"], "aoti", "cpu")}

@@ -48,7 +48,9 @@ class MultiHeadAttention(nn.Module):
         mask = None
         if key_mask is not None:
             n = x.shape[-2]
-            eye = torch.eye(n, dtype=torch.bool, device=x.device)
+            # the identity built from x, not torch.eye(device=): a trace freezes a factory's device
+            ones = x.new_ones((n, n), dtype=torch.bool)
+            eye = ones.tril() & ones.triu()
             mask = key_mask.unsqueeze(-2).unsqueeze(-3) | eye  # [..., 1(heads), n, n]
         out = self.merge(_sdpa_4d(q, k, v, mask))
         return (out, k, v) if return_keys_values else out

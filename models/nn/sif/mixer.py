@@ -105,6 +105,12 @@ class SIFMixer(nn.Module):
         self.recency_embedding = nn.Embedding(recency_buckets, d_s)
         self.target_embedding = nn.Parameter(torch.zeros(d_s))
         self.outcome_embedding = nn.Embedding(2 * n_tasks, d_s) if history_outcomes else None
+        # index tensors as buffers, not torch.arange in forward: they follow .to(device), whereas a
+        # trace would freeze the device a factory call ran on into the exported graph
+        self.register_buffer("outcome_offsets", 2 * torch.arange(n_tasks), persistent=False)
+        if codebooks is not None:
+            self.register_buffer("code_subtoken", torch.arange(n_s).view(n_s, 1), persistent=False)
+            self.register_buffer("code_level", torch.arange(codebooks.shape[1]).view(1, -1), persistent=False)
         for p in (self.column_embedding, self.target_embedding):
             nn.init.normal_(p, std=0.02)
         nn.init.normal_(self.recency_embedding.weight, std=0.02)
@@ -129,10 +135,7 @@ class SIFMixer(nn.Module):
         k = self.codebooks.shape[2]
         if codes.numel() and (codes.min() < 0 or codes.max() >= k):
             raise ValueError(f"codes: indices must lie in [0, {k})")
-        n_s, levels = codes.shape[-2:]
-        sub = torch.arange(n_s, device=codes.device).view(n_s, 1)
-        lvl = torch.arange(levels, device=codes.device).view(1, levels)
-        return self.codebooks[sub, lvl, codes].sum(-2)
+        return self.codebooks[self.code_subtoken, self.code_level, codes].sum(-2)
 
     def project_target(self, target: SampleInputs) -> torch.Tensor:
         """P(x): the live request's sub-tokens in codebook space, [..., N_s, d_s] (Eq. 10)."""
@@ -171,8 +174,7 @@ class SIFMixer(nn.Module):
         x = rows[:, :, cols] + self.column_embedding[cols]
         x = x + self.recency_embedding(recency.long().clamp(0, self.recency_buckets - 1)).unsqueeze(2)
         if outcomes is not None and self.outcome_embedding is not None:
-            offsets = 2 * torch.arange(self.n_tasks, device=outcomes.device)
-            x = x + self.outcome_embedding(outcomes.long().clamp(0, 1) + offsets).sum(-2).unsqueeze(2)
+            x = x + self.outcome_embedding(outcomes.long().clamp(0, 1) + self.outcome_offsets).sum(-2).unsqueeze(2)
         x = x * mask[..., None, None]
         if self.history_mode == "pooled":
             x = x.mean(2, keepdim=True)

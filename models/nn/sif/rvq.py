@@ -41,7 +41,9 @@ def _nearest(residual: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 def _gather_codes(codebook: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """codebook [S, K, d], index [N, S] -> vectors [N, S, d]."""
-    s = torch.arange(codebook.shape[0], device=index.device)
+    # positions 0..S-1 made from ``index``, not torch.arange(device=): a trace freezes a
+    # factory's device into the exported graph
+    s = index.new_ones(codebook.shape[0]).cumsum(0) - 1
     return codebook[s.unsqueeze(0), index]
 
 
@@ -82,7 +84,7 @@ class ResidualVQ(nn.Module):
         codes = codes.long()
         lead = codes.shape[:-2]
         flat = codes.reshape(-1, self.n_subtokens, self.levels)
-        q = torch.zeros(flat.shape[0], self.n_subtokens, self.dim, dtype=self.codebooks.dtype, device=flat.device)
+        q = self.codebooks.new_zeros(flat.shape[0], self.n_subtokens, self.dim)
         for level in range(self.levels):
             q = q + _gather_codes(self.codebooks[:, level], flat[..., level])
         return q.reshape(*lead, self.n_subtokens, self.dim)
@@ -140,7 +142,7 @@ class ResidualVQ(nn.Module):
 
     @torch.no_grad()
     def _update_usage(self, level: int, index: torch.Tensor) -> None:
-        counts = torch.zeros(self.n_subtokens, self.codebook_size, dtype=self.usage.dtype, device=index.device)
+        counts = self.usage.new_zeros(self.n_subtokens, self.codebook_size)
         counts.scatter_add_(1, index.t(), torch.ones_like(index.t(), dtype=self.usage.dtype))
         share = counts / max(1, index.shape[0])
         self.usage[:, level].mul_(self.usage_decay).add_((1 - self.usage_decay) * share)
