@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import load_dataset
+from models.data.prepared import load_dataset
 from models.data.schema import load_schema
 from models.nn.base import ModelConfig
-from models.training import TrainConfig
+from models.training.loop import TrainConfig
 from models.training.registry import ExperimentConfig
 
 HISTORY_LEN = 32   # L of the test IAT model (the SIF model's L is max(8, L // 16) = 8)
