@@ -103,3 +103,83 @@ def synthetic_data(out_dir: str | Path, **kwargs) -> PreparedData:
     """Write a synthetic dataset and load it (the fast path for tests and the demo)."""
     schema_path = write_synthetic(out_dir, **kwargs)
     return load_dataset(DatasetSchema.from_toml(schema_path), out_dir)
+
+
+CONTROL_SCHEMA_TOML = """\
+name = "synthetic-{kind}"
+
+[log]
+path = "events.tsv"
+user = "user_id"
+item = "item_id"
+timestamp = "ts"
+timestamp_unit = "s"
+categorical = ["hint", "variant"]
+
+[[labels]]
+name = "click"
+column = "click"
+
+[[tables]]
+path = "users.tsv"
+key = "user_id"
+categorical = ["region"]
+
+[[tables]]
+path = "items.tsv"
+key = "item_id"
+categorical = ["category"]
+"""
+
+CONTROLS = ("positive", "negative")
+
+
+def write_control(out_dir: str | Path, kind: str, *, n_users: int = 300, n_items: int = 200,
+                  events_per_user: int = 60, strength: float = 2.5, seed: int = 0) -> Path:
+    """A control dataset for the IAT claim; returns the path of its schema file.
+
+    Every instance has two request-time features drawn at random, ``hint`` (h = +-1) and
+    ``variant`` (a nuisance value), and P(click) = sigmoid(strength * d + item quality), where
+    d is a hidden driver, +-1.
+
+    - ``positive``: d of a user's instance is the ``hint`` of that user's PREVIOUS instance (0
+      for the first). The signal about a label is a feature of a past instance: not its id, not
+      its label (each label depends on the hint before it, drawn independently of the one
+      after), and not the instance's own features. A correct IAT (whose source reads past
+      instances' content) must beat the base model given past item ids and labels, and its own
+      zero-InsEmb control.
+    - ``negative``: d is drawn afresh for every instance and shown nowhere: the same features,
+      the same label rates, but past instances' features carry nothing about later labels;
+      every history gain must be within noise of 0.
+    """
+    if kind not in CONTROLS:
+        raise ValueError(f"kind must be one of {CONTROLS}, got {kind!r}")
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    quality = rng.normal(0.0, 0.5, n_items)
+    with (out / "items.tsv").open("w") as fh:
+        fh.write("item_id\tcategory\n")
+        for i in range(n_items):
+            fh.write(f"i{i}\tc{rng.integers(0, 8)}\n")
+    with (out / "users.tsv").open("w") as fh:
+        fh.write("user_id\tregion\n")
+        for u in range(n_users):
+            fh.write(f"u{u}\tr{rng.integers(0, 10)}\n")
+    t0 = 1_600_000_000
+    with (out / "events.tsv").open("w") as fh:
+        fh.write("user_id\titem_id\tts\thint\tvariant\tclick\n")
+        for u in range(n_users):
+            n_events = max(5, int(rng.poisson(events_per_user)))
+            times = np.sort(t0 + rng.choice(60 * 86400, n_events, replace=False))  # no ties
+            previous_hint = 0
+            for t in times:
+                hint = 1 if rng.random() < 0.5 else -1
+                driver = previous_hint if kind == "positive" else (1 if rng.random() < 0.5 else -1)
+                item = int(rng.integers(0, n_items))
+                p = 1.0 / (1.0 + np.exp(-(strength * driver + quality[item])))
+                fh.write(f"u{u}\ti{item}\t{t}\th{hint:+d}\tv{rng.integers(0, 4)}\t{int(rng.random() < p)}\n")
+                previous_hint = hint
+    schema_path = out / "schema.toml"
+    schema_path.write_text(CONTROL_SCHEMA_TOML.format(kind=kind))
+    return schema_path
