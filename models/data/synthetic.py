@@ -135,22 +135,26 @@ CONTROLS = ("positive", "negative")
 
 
 def write_control(out_dir: str | Path, kind: str, *, n_users: int = 300, n_items: int = 200,
-                  events_per_user: int = 60, strength: float = 2.5, seed: int = 0) -> Path:
+                  events_per_user: int = 60, hint_accuracy: float = 0.75, switch: float = 0.02,
+                  strength: float = 2.5, seed: int = 0) -> Path:
     """A control dataset for the IAT claim; returns the path of its schema file.
 
-    Every instance has two request-time features drawn at random, ``hint`` (h = +-1) and
-    ``variant`` (a nuisance value), and P(click) = sigmoid(strength * d + item quality), where
-    d is a hidden driver, +-1.
+    Every instance has a hidden state s = +-1 and two request-time features: ``hint`` (s with
+    probability ``hint_accuracy``, else -s) and ``variant`` (c = +-1 at random);
+    P(click) = sigmoid(strength * s * c + item quality). Averaged over c a label is the same for
+    both states, so a past instance's label says nothing of s, nor does its item id: only its
+    features do (its hint; its variant together with its label).
 
-    - ``positive``: d of a user's instance is the ``hint`` of that user's PREVIOUS instance (0
-      for the first). The signal about a label is a feature of a past instance: not its id, not
-      its label (each label depends on the hint before it, drawn independently of the one
-      after), and not the instance's own features. A correct IAT (whose source reads past
-      instances' content) must beat the base model given past item ids and labels, and its own
-      zero-InsEmb control.
-    - ``negative``: d is drawn afresh for every instance and shown nowhere: the same features,
-      the same label rates, but past instances' features carry nothing about later labels;
-      every history gain must be within noise of 0.
+    - ``positive``: s is the user's and persists (it switches with probability ``switch`` per
+      event), so past instances' features tell the current s far better than the instance's own
+      hint. A correct IAT (which reads past instances' content) must beat the base model given
+      past item ids and labels, and its own zero-InsEmb control.
+    - ``negative``: s is drawn afresh for every instance: the same features and label mechanism,
+      but past instances' features carry nothing about the current label; every history gain
+      must be within noise of 0.
+
+    The label is an interaction (s times c), which a network learns only after a plateau of
+    some epochs: run the controls with at least 4 epochs.
     """
     if kind not in CONTROLS:
         raise ValueError(f"kind must be one of {CONTROLS}, got {kind!r}")
@@ -172,14 +176,15 @@ def write_control(out_dir: str | Path, kind: str, *, n_users: int = 300, n_items
         for u in range(n_users):
             n_events = max(5, int(rng.poisson(events_per_user)))
             times = np.sort(t0 + rng.choice(60 * 86400, n_events, replace=False))  # no ties
-            previous_hint = 0
+            state = 1 if rng.random() < 0.5 else -1
             for t in times:
-                hint = 1 if rng.random() < 0.5 else -1
-                driver = previous_hint if kind == "positive" else (1 if rng.random() < 0.5 else -1)
+                if kind == "negative" or rng.random() < switch:
+                    state = 1 if rng.random() < 0.5 else -1
+                hint = state if rng.random() < hint_accuracy else -state
+                variant = 1 if rng.random() < 0.5 else -1
                 item = int(rng.integers(0, n_items))
-                p = 1.0 / (1.0 + np.exp(-(strength * driver + quality[item])))
-                fh.write(f"u{u}\ti{item}\t{t}\th{hint:+d}\tv{rng.integers(0, 4)}\t{int(rng.random() < p)}\n")
-                previous_hint = hint
+                p = 1.0 / (1.0 + np.exp(-(strength * state * variant + quality[item])))
+                fh.write(f"u{u}\ti{item}\t{t}\th{hint:+d}\tv{variant:+d}\t{int(rng.random() < p)}\n")
     schema_path = out / "schema.toml"
     schema_path.write_text(CONTROL_SCHEMA_TOML.format(kind=kind))
     return schema_path

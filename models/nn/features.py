@@ -48,9 +48,10 @@ class LabelEmbedding(nn.Module):
     Training data has every label, so in training mode each history slot has all its labels
     hidden with probability ``unknown_rate`` (a label that has not arrived) and each remaining
     task's label hidden with the same probability (a task without a label): the unknown ids
-    are trained at the rate ingest produces them. Ids are recorded as they are trained
-    (``seen``, saved with the weights); in eval mode an id never trained reads the all-unknown
-    row if that one was trained, else padding, never a row still at its random init.
+    are trained at the rate ingest produces them. Ids with an unknown are recorded as they are
+    trained (``seen``, saved with the weights; the fully known ids, which every training batch
+    has, count as seen); in eval mode such an id never trained reads the all-unknown row if that
+    one was trained, else padding, never a row still at its random init.
     """
 
     def __init__(self, n_tasks: int, dim: int, unknown_rate: float = 0.0):
@@ -62,7 +63,12 @@ class LabelEmbedding(nn.Module):
         self.unknown_rate = unknown_rate
         self.table = nn.Embedding(self.n_ids + 1, dim, padding_idx=self.n_ids)
         self.register_buffer("powers", 3 ** torch.arange(n_tasks, dtype=torch.long), persistent=False)
-        self.register_buffer("seen", torch.zeros(self.n_ids + 1, dtype=torch.bool))
+        ids = torch.arange(self.n_ids)
+        known = torch.ones(self.n_ids, dtype=torch.bool)
+        for _ in range(n_tasks):  # no base-3 digit is 0 (unknown)
+            known &= ids % 3 != 0
+            ids = ids // 3
+        self.register_buffer("seen", torch.cat([known, torch.ones(1, dtype=torch.bool)]))
 
     def ids(self, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """labels int [..., T] (1, 0, -1 unknown), mask bool [...] -> ids [...] (padding where

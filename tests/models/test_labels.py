@@ -32,6 +32,7 @@ def test_training_shows_unknowns_at_the_rate_and_eval_maps_untrained_ids():
     assert (digits == 0).all(-1).any() and ((digits == 0).sum(-1) == 1).any()  # whole and partial
     # only fully known combinations trained (rate 0): an unknown id at eval reads padding
     fresh = LabelEmbedding(n_tasks=2, dim=4, unknown_rate=0.0)
+    assert fresh.seen.tolist() == [False] * 4 + [True, True, False, True, True, True]  # known + pad
     fresh.train()
     fresh(labels, mask)
     fresh.eval()
