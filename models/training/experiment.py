@@ -400,6 +400,10 @@ def plot_results(results: dict, path: Path) -> None:
         means = [np.nan if m is None else m for m in means]
         cis = [r["per_task"][task][f"{metric}_ci95"] for r in rows]
         ax.errorbar(means, range(len(rows)), xerr=errors(means, cis), fmt="o", color="tab:blue", capsize=3)
+        ends = [v for m, c in zip(means, cis) for v in (c or [m, m]) if np.isfinite(v)]
+        if ends:  # few seeds give wide t-intervals: keep the axis on the AUC scale
+            pad = max(max(ends) - min(ends), 0.01) * 0.05
+            ax.set_xlim(max(0.0, min(ends) - pad), min(1.0, max(ends) + pad))
         ax.set_yticks(range(len(rows)), names if metric == "auc" else [""] * len(rows))
         ax.set_title(f"{task} test {metric.upper()} (mean, 95% CI, {results['seeds']} seeds)")
         ax.invert_yaxis()
