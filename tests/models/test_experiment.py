@@ -54,18 +54,20 @@ def test_default_rows_are_the_papers():
 
 @pytest.mark.slow
 def test_planted_signal_direction_and_results_files(data, tmp_path):
-    """On synthetic data whose label depends on the user's recent labels, IAT rows (past
-    instances + labels) beat the base model (past item ids only); results files are written."""
-    rows = ["base", "temporal_iat", "user_iat", "user_iat_full_attention"]
+    """On synthetic data whose label depends on the user's recent labels, every row that reads
+    past labels (IAT rows, and the base model whose sequence carries them) beats the base model
+    that reads past item ids only; results files are written."""
+    rows = ["base_item_ids_only", "base", "temporal_iat", "user_iat", "user_iat_full_attention"]
     res = run_experiment(data, small_config(), rows=rows, seeds=1, progress=lambda m: None)
     by = {r["model"]: r for r in res["rows"]}
-    assert by["user_iat"]["auc"] > by["base"]["auc"] + 0.02
-    assert by["temporal_iat"]["auc"] > by["base"]["auc"] + 0.02
+    for name in ("base", "user_iat", "temporal_iat"):
+        assert by[name]["auc"] > by["base_item_ids_only"]["auc"] + 0.02, name
     assert abs(by["user_iat"]["auc"] - by["user_iat_full_attention"]["auc"]) < 0.03
     for r in res["rows"]:
         assert set(r) >= {"model", "auc", "gauc", "logloss", "auc_std", "gauc_std", "logloss_std", "per_task"}
         assert set(r["per_task"]) == {"like", "love"}
-    assert res["rows"][1]["runs"][0]["extra"]["source"]["insemb_protocol"] == "user_crossfit"
+    assert by["user_iat"]["runs"][0]["extra"]["source"]["insemb_protocol"] == "user_crossfit"
+    assert {c["name"] for c in res["comparisons"]} >= {"user_iat - base", "base - base_item_ids_only"}
     json_path, png_path = write_results(res, tmp_path)
     assert json.loads(json_path.read_text())["dataset"] == "synthetic"
     assert png_path.stat().st_size > 1000
