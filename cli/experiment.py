@@ -3,6 +3,8 @@
     iat experiment --dataset movielens-100k --out runs/ml100k            # shipped schema
     iat experiment --schema my.toml --data-dir DIR --out runs/x --quick
     iat experiment --dataset synthetic --out runs/syn                    # generated data
+    iat experiment --dataset synthetic-positive --out runs/pos           # the IAT controls
+    iat experiment --dataset kuairand-pure --quick --users 3000 --out runs/kr
 """
 from __future__ import annotations
 
@@ -13,23 +15,45 @@ from pathlib import Path
 
 from services.config import Settings
 
+# What --quick runs, spelled out here because the CLI parses arguments without importing
+# torch; tests/models/test_experiment.py checks them against ExperimentConfig.quick().
+QUICK_EPOCHS = 1
+QUICK_HISTORY_LEN = 32
+QUICK_SEQ_LEN = 10
+QUICK_SOURCE_WINDOW = 64
+QUICK_SEEDS = 1
+DEFAULT_SEEDS = 5
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--schema", type=Path, help="dataset schema TOML (paths relative to --data-dir)")
-    src.add_argument("--dataset", help="a schema shipped with the project (movielens-100k), or "
-                                       "'synthetic' for generated data with a planted sequential signal")
+    src.add_argument("--dataset", help="a schema shipped with the project (movielens-100k, "
+                                       "kuairand-pure), 'synthetic' for generated data with a planted "
+                                       "sequential signal, or the IAT controls 'synthetic-positive' (past "
+                                       "instances' features tell future labels) and 'synthetic-negative' "
+                                       "(they do not)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="data directory (default: $IAT_DATA_DIR or ../shared/data; a "
                              "sub-folder named after the dataset is tried too)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--quick", action="store_true",
-                        help="short histories, 2 epochs, 1 seed unless --seeds is given (< 5 min)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds to average (default 3; quick: 1)")
+                        help=f"a smoke run: {QUICK_EPOCHS} epoch, downstream L {QUICK_HISTORY_LEN}, "
+                             f"behaviour sequence {QUICK_SEQ_LEN}, source window {QUICK_SOURCE_WINDOW}, "
+                             f"{QUICK_SEEDS} seed unless --seeds is given")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"seeds (default {DEFAULT_SEEDS}; quick: {QUICK_SEEDS}); rows are compared "
+                             "by paired differences over seeds with 95%% t-intervals")
+    parser.add_argument("--users", type=int, default=None,
+                        help="keep a random subset of this many users (seed 0), every row alike")
+    parser.add_argument("--unknown-label-rate", type=float, default=None,
+                        help="training-time rate of history labels shown as unknown (default "
+                             "ModelConfig.unknown_label_rate)")
     parser.add_argument("--rows", default=None,
                         help="comma-separated rows to run (default: all registered default rows)")
     parser.add_argument("--list-rows", action="store_true", help="list registered rows and exit")
-    parser.add_argument("--history-len", type=int, default=None, help="downstream L (default 256; quick 64)")
+    parser.add_argument("--history-len", type=int, default=None,
+                        help=f"downstream L (default 256; quick {QUICK_HISTORY_LEN})")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs (early stopping on validation)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     parser.add_argument("--workers", type=int, default=2,
@@ -52,11 +76,14 @@ def load_named_dataset(schema_path: Path | None, dataset: str | None, data_dir: 
     ``--data-dir``) -> (schema, PreparedData). Raises SchemaError / FileNotFoundError."""
     from models.data.prepared import load_dataset
     from models.data.schema import DatasetSchema, load_schema
-    from models.data.synthetic import write_synthetic
+    from models.data.synthetic import CONTROLS, write_control, write_synthetic
 
     if dataset == "synthetic":
         data_dir = data_dir or synthetic_dir
         schema = DatasetSchema.from_toml(write_synthetic(data_dir))
+    elif dataset in {f"synthetic-{kind}" for kind in CONTROLS}:
+        data_dir = data_dir or synthetic_dir
+        schema = DatasetSchema.from_toml(write_control(data_dir, dataset.split("-", 1)[1]))
     else:
         schema = DatasetSchema.from_toml(schema_path) if schema_path else load_schema(dataset or "movielens-100k")
         data_dir = _resolve_data_dir(schema, data_dir)
@@ -75,6 +102,12 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
         print("iat experiment: --seeds must be >= 1", file=sys.stderr)
         return 2
+    if args.users is not None and args.users < 1:
+        print("iat experiment: --users must be >= 1", file=sys.stderr)
+        return 2
+    if args.unknown_label_rate is not None and not 0.0 <= args.unknown_label_rate < 1.0:
+        print("iat experiment: --unknown-label-rate must lie in [0, 1)", file=sys.stderr)
+        return 2
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     unknown = [r for r in rows or [] if r not in ROWS]
     if unknown:
@@ -86,7 +119,13 @@ def run(args: argparse.Namespace) -> int:
     except (SchemaError, FileNotFoundError) as exc:
         print(f"iat experiment: {exc}", file=sys.stderr)
         return 2
+    if args.users is not None:
+        import numpy as np
+        keep = np.random.default_rng(0).permutation(data.n_users)[: args.users]
+        data = data.subset_users(np.sort(keep))
     cfg = ExperimentConfig.quick() if args.quick else ExperimentConfig()
+    if args.unknown_label_rate is not None:
+        cfg.model.unknown_label_rate = args.unknown_label_rate
     if args.history_len:
         cfg.model.history_len = args.history_len
     if args.epochs:
@@ -94,11 +133,14 @@ def run(args: argparse.Namespace) -> int:
     cfg.threads = args.threads
     cfg.workers = args.workers
     cfg.train.progress = not args.no_progress
-    seeds = args.seeds or (1 if args.quick else 3)
-    print(f"{data.name}: {data.n} instances, {data.n_users} users, tasks {data.tasks}, "
+    seeds = args.seeds or (QUICK_SEEDS if args.quick else DEFAULT_SEEDS)
+    n_users = len(set(data.user_index.tolist()))
+    print(f"{data.name}: {data.n} instances, {n_users} users, tasks {data.tasks}, "
           f"split {[len(data.split_indices(s)) for s in (0, 1, 2)]}; seeds {seeds}", flush=True)
     results = run_experiment(data, cfg, rows, seeds)
     results["command"] = "iat experiment " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["experiment"] else None
+    results["users"] = n_users
+    results["users_subset"] = args.users  # None: every user of the dataset
     results["total_seconds"] = time.perf_counter() - t0
     json_path, png_path = write_results(results, args.out)
     print(results_table(results))

@@ -15,4 +15,5 @@ class IATNaive(IATRanking):
         c = cat.shape[0]
         memory = self.model.encode_history(tokens.expand(c, -1, -1).contiguous(), mask.expand(c, -1))
         batch = self.candidates(hist_items, hist_mask, cat, multi, num)
+        batch["seq_labels"] = self.sequence_labels(hist_labels, hist_mask, c)
         return torch.sigmoid(self.model.score(memory, batch))

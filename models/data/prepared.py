@@ -168,6 +168,25 @@ def _to_float(values: np.ndarray, what: str) -> np.ndarray:
     return out
 
 
+def _first_per_ins_id(header: list[str], rows: list[list[str]], log) -> list[list[str]]:
+    """The rows whose (request, item, timestamp) - the InsID's parts - is seen first."""
+    keys = [_column(header, rows, c, f"log.{what}") for c, what in
+            ((log.request or log.user, "request" if log.request else "user"), (log.item, "item"),
+             (log.timestamp, "timestamp"))]
+    seen: set[tuple[str, str, str]] = set()
+    keep = []
+    for k, key in enumerate(zip(*keys)):
+        if key not in seen:
+            seen.add(key)
+            keep.append(rows[k])
+    return keep
+
+
+def _bucketize(header: list[str], rows: list[list[str]], spec, what: str) -> np.ndarray:
+    values = _to_float(_column(header, rows, spec.column, what), what)
+    return np.array([spec.bucket(v) for v in values], dtype=object)
+
+
 def split_by_time(ts_ms: np.ndarray, fractions: tuple[float, float, float]) -> np.ndarray:
     """0/1/2 by global time quantiles; equal timestamps always fall in the same split."""
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
@@ -191,6 +210,8 @@ def load_dataset(schema: DatasetSchema, data_dir: str | Path, *,
     header, rows = read_table(data_dir / log.path, log.sep, "log")
     if not rows:
         raise SchemaError(f"log: {data_dir / log.path} has no rows")
+    if log.dedupe:
+        rows = _first_per_ins_id(header, rows, log)
     users = _column(header, rows, log.user, "log.user")
     items = _column(header, rows, log.item, "log.item")
     ts_raw = _to_float(_column(header, rows, log.timestamp, "log.timestamp"), "log.timestamp")
@@ -214,6 +235,9 @@ def load_dataset(schema: DatasetSchema, data_dir: str | Path, *,
         groups["context"].append(name)
     for name, sep in log.multi.items():
         multi_cols[name] = (_column(header, rows, name, "log.multi"), sep)
+        groups["context"].append(name)
+    for name, spec in log.buckets.items():
+        cat_cols[name] = _bucketize(header, rows, spec, f"log.buckets.{name}")
         groups["context"].append(name)
 
     for t_i, table in enumerate(schema.tables):
@@ -241,6 +265,9 @@ def load_dataset(schema: DatasetSchema, data_dir: str | Path, *,
             groups[table.group].append(name)
         for name, sep in table.multi.items():
             multi_cols[name] = (joined(_column(t_header, t_rows, name, f"{what}.multi")), sep)
+            groups[table.group].append(name)
+        for name, spec in table.buckets.items():
+            cat_cols[name] = joined(_bucketize(t_header, t_rows, spec, f"{what}.buckets.{name}"))
             groups[table.group].append(name)
 
     labels = np.zeros((n, len(schema.labels)), dtype=np.float32)
@@ -286,10 +313,14 @@ def load_dataset(schema: DatasetSchema, data_dir: str | Path, *,
     for j, name in enumerate(multi_fields):
         col, sep = multi_cols[name]
         col = col[order]
+        rows_at, slots, values = [], [], []
         for k, cell in enumerate(col):
-            vals = [v for v in str(cell).split(sep) if v.strip()][:max_multi]
-            if vals:
-                multi[k, j, :len(vals)] = hash_buckets(name, [v.strip() for v in vals], n_buckets)
+            vals = [v.strip() for v in str(cell).split(sep) if v.strip()][:max_multi]
+            rows_at.extend([k] * len(vals))
+            slots.extend(range(len(vals)))
+            values.extend(vals)
+        if values:  # one hashing call per field: distinct values are hashed once
+            multi[rows_at, j, slots] = hash_buckets(name, values, n_buckets)
 
     num_fields = list(num_cols)
     num = np.zeros((n, len(num_fields)), dtype=np.float32)

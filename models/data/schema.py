@@ -5,6 +5,7 @@ time. ``load_schema("movielens-100k")`` returns a schema shipped in ``models/dat
 """
 from __future__ import annotations
 
+import bisect
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,20 @@ class LabelSpec:
 
 
 @dataclass(frozen=True)
+class BucketSpec:
+    """A categorical feature derived from a numeric column: the value is the index of the
+    bucket ``column`` falls in (``edges`` ascending; ``x < edges[0]`` is bucket 0, missing is
+    absent)."""
+    column: str
+    edges: tuple[float, ...]
+
+    def bucket(self, value: float) -> str:
+        if value != value:  # NaN: missing
+            return ""
+        return str(bisect.bisect_right(self.edges, value))
+
+
+@dataclass(frozen=True)
 class TableSpec:
     """A side table joined on ``key`` (a column of the log and of the table)."""
     path: str
@@ -38,6 +53,7 @@ class TableSpec:
     numeric: tuple[str, ...] = ()
     multi: dict[str, str] = field(default_factory=dict)  # column -> value separator
     group: str = ""  # "user" / "item" / "context"; inferred from key when empty
+    buckets: dict[str, BucketSpec] = field(default_factory=dict)  # feature name -> bucketing
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,15 @@ class LogSpec:
     categorical: tuple[str, ...] = ()
     numeric: tuple[str, ...] = ()
     multi: dict[str, str] = field(default_factory=dict)
+    buckets: dict[str, BucketSpec] = field(default_factory=dict)
+    # Columns recorded after the exposure (clicks, watch time, ...): they may be labels, or
+    # side info of PAST instances, never a feature of the instance being predicted. The schema
+    # refuses any feature (or bucket source) among them.
+    outcomes: tuple[str, ...] = ()
+    # Keep one row per InsID (request, item, timestamp), the first in file order: a log that
+    # repeats an exposure with a cosmetic difference (KuaiRand's hourmin) would otherwise give
+    # two instances one InsID, which the instance store keeps as one.
+    dedupe: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +124,23 @@ class DatasetSchema:
                 raise SchemaError(f"{where}'{ctx}multi' must map column -> non-empty separator")
             return dict(value)
 
+        def bucket_map(table: dict, ctx: str) -> dict[str, BucketSpec]:
+            value = table.get("buckets", {})
+            if not isinstance(value, dict):
+                raise SchemaError(f"{where}'{ctx}buckets' must map feature name -> {{column, edges}}")
+            out = {}
+            for name, spec in value.items():
+                if not isinstance(spec, dict) or not isinstance(spec.get("column"), str):
+                    raise SchemaError(f"{where}'{ctx}buckets.{name}.column' must be a column name")
+                edges = spec.get("edges")
+                if (not isinstance(edges, list) or not edges
+                        or not all(isinstance(e, (int, float)) for e in edges)
+                        or any(b <= a for a, b in zip(edges, edges[1:]))):
+                    raise SchemaError(f"{where}'{ctx}buckets.{name}.edges' must be a non-empty "
+                                      "list of strictly increasing numbers")
+                out[name] = BucketSpec(spec["column"], tuple(float(e) for e in edges))
+            return out
+
         log_raw = need(raw, "log", "")
         if not isinstance(log_raw, dict):
             raise SchemaError(f"{where}'log' must be a table")
@@ -117,7 +159,12 @@ class DatasetSchema:
             categorical=str_list(log_raw, "categorical", "log."),
             numeric=str_list(log_raw, "numeric", "log."),
             multi=multi_map(log_raw, "log."),
+            buckets=bucket_map(log_raw, "log."),
+            outcomes=str_list(log_raw, "outcomes", "log."),
+            dedupe=log_raw.get("dedupe", False),
         )
+        if not isinstance(log.dedupe, bool):
+            raise SchemaError(f"{where}'log.dedupe' must be true or false")
         labels_raw = raw.get("labels", [])
         if not isinstance(labels_raw, list) or not labels_raw:
             raise SchemaError(f"{where}'labels' must be a non-empty array of tables ([[labels]])")
@@ -143,7 +190,8 @@ class DatasetSchema:
             tables.append(TableSpec(path=tpath, key=key, sep=tab.get("sep", default_sep(tpath)),
                                     categorical=str_list(tab, "categorical", ctx),
                                     numeric=str_list(tab, "numeric", ctx),
-                                    multi=multi_map(tab, ctx), group=group))
+                                    multi=multi_map(tab, ctx), group=group,
+                                    buckets=bucket_map(tab, ctx)))
         context = raw.get("context_features", ["hour", "weekday"])
         bad = [c for c in context if c not in ("hour", "weekday")]
         if bad:
@@ -152,17 +200,42 @@ class DatasetSchema:
                      labels=tuple(labels), tables=tuple(tables),
                      context_features=tuple(context), source=source)
         schema._check_unique_fields(where)
+        schema._check_no_outcome_features(where)
         return schema
 
     def _check_unique_fields(self, where: str) -> None:
         seen: dict[str, str] = {}
-        specs = [("log", self.log.categorical, self.log.numeric, self.log.multi)] + [
-            (t.path, t.categorical, t.numeric, t.multi) for t in self.tables]
-        for origin, cats, nums, multi in specs:
-            for name in [*cats, *nums, *multi]:
+        specs = [("log", self.log.categorical, self.log.numeric, self.log.multi, self.log.buckets)] + [
+            (t.path, t.categorical, t.numeric, t.multi, t.buckets) for t in self.tables]
+        for origin, cats, nums, multi, buckets in specs:
+            for name in [*cats, *nums, *multi, *buckets]:
                 if name in seen or name in (self.log.user, self.log.item, *self.context_features):
                     raise SchemaError(f"{where}feature column '{name}' ({origin}) is declared twice")
                 seen[name] = origin
+
+    def _check_no_outcome_features(self, where: str) -> None:
+        log = self.log
+        outcomes = set(log.outcomes)
+        features = [("log.categorical", c) for c in log.categorical] + \
+                   [("log.numeric", c) for c in log.numeric] + [("log.multi", c) for c in log.multi] + \
+                   [(f"log.buckets.{n}.column", b.column) for n, b in log.buckets.items()] + \
+                   [("log.user", log.user), ("log.item", log.item), ("log.timestamp", log.timestamp)]
+        for where_key, column in features:
+            if column in outcomes:
+                raise SchemaError(f"{where}'{where_key}': column '{column}' is an outcome (log.outcomes): "
+                                  "it may be a label, never a feature of the instance it describes")
+        for i, table in enumerate(self.tables):
+            if table.key in outcomes:
+                raise SchemaError(f"{where}'tables[{i}].key': column '{table.key}' is an outcome (log.outcomes)")
+
+    @property
+    def feature_columns(self) -> set[str]:
+        """Every raw column a feature is computed from (log and side tables)."""
+        cols = {self.log.user, self.log.item, self.log.timestamp, *self.log.categorical,
+                *self.log.numeric, *self.log.multi, *(b.column for b in self.log.buckets.values())}
+        for t in self.tables:
+            cols |= {t.key, *t.categorical, *t.numeric, *t.multi, *(b.column for b in t.buckets.values())}
+        return cols
 
 
 def load_schema(name_or_path: str | Path) -> DatasetSchema:

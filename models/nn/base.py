@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from models.nn.features import FeatureEmbedder
+from models.nn.features import FeatureEmbedder, LabelEmbedding
 from models.nn.layers import TargetAttention, TokenMixerBlock
 
 if TYPE_CHECKING:  # a dataset only describes its shape here; networks never load data
@@ -36,6 +36,12 @@ class ModelConfig:
     iat_heads: int = 2
     attention: str = "shared"    # "shared" (serving) or "full" (paper)
     label_side_info: bool = True
+    # The ranking models' behaviour sequence carries each past item's labels too (the side info
+    # the IAT sequence has), so base and IAT rows differ by the InsEmbs, not by who sees labels.
+    seq_label_side_info: bool = True
+    # Training-time rate of history labels shown as unknown (-1), the rate at which ingest
+    # stores instances whose labels have not arrived (nn.features.LabelEmbedding).
+    unknown_label_rate: float = 0.05
     query: str = "compressed"    # "compressed" (Eq. 11) or "id" (candidate item id only)
     dropout: float = 0.0
     # Training-time probability of hiding an instance's user-level categorical features (user
@@ -76,11 +82,15 @@ class TaskHeads(nn.Module):
 class Backbone(nn.Module):
     """h = FI(Seq(S), X) (Eq. 1), with room for ``n_extra_tokens`` more tokens (IAT's output)."""
 
-    def __init__(self, cfg: ModelConfig, shape: FeatureShape, n_extra_tokens: int = 0):
+    def __init__(self, cfg: ModelConfig, shape: FeatureShape, n_extra_tokens: int = 0,
+                 seq_labels: bool = False):
         super().__init__()
         self.cfg = cfg
         e = cfg.emb_dim
         self.embedder = FeatureEmbedder(shape.n_cat, shape.n_multi, shape.n_num, shape.n_buckets, e)
+        # past labels on the behaviour sequence (batch["seq_labels"] [B, S, T]); source models
+        # embed an instance from its items only and leave it off
+        self.seq_labels = LabelEmbedding(shape.n_tasks, e, cfg.unknown_label_rate) if seq_labels else None
         self.seq = TargetAttention(e, cfg.seq_len, cfg.seq_encoder)
         self.n_tokens = cfg.n_feature_tokens + n_extra_tokens
         self.token_dim = self.n_tokens * cfg.token_chunk
@@ -105,7 +115,10 @@ class Backbone(nn.Module):
         fields = self.embedder(cat, batch["multi"], batch["num"])
         target = self.embedder.lookup(batch["item"])
         seq_items = batch["seq_items"]
-        seq_tok = self.seq(target, self.embedder.lookup(seq_items), seq_items >= 0)
+        seq = self.embedder.lookup(seq_items)
+        if self.seq_labels is not None:
+            seq = seq + self.seq_labels(batch["seq_labels"], seq_items >= 0)
+        seq_tok = self.seq(target, seq, seq_items >= 0)
         return fields, seq_tok
 
     def flat_features(self, fields: torch.Tensor, seq_tok: torch.Tensor) -> torch.Tensor:
@@ -131,7 +144,7 @@ class BaseRanker(nn.Module):
 
     def __init__(self, cfg: ModelConfig, shape: FeatureShape):
         super().__init__()
-        self.backbone = Backbone(cfg, shape)
+        self.backbone = Backbone(cfg, shape, seq_labels=cfg.seq_label_side_info)
         self.heads = TaskHeads(self.backbone.out_dim, shape.n_tasks, cfg.head_hidden)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -3,7 +3,8 @@
 For a request at time t the IAT sequence is the user's last L instances strictly before t
 (``PreparedData.history_index``), each an InsToken = concat(adapted InsEmb
 E' = GELU(E Wa + ba), side-info embeddings). Side info: the instance's past labels (one id
-per label combination; dropped in the ``no_label_side_info`` ablation) and its age at request
+per combination of {unknown, 0, 1} per task, ``features.LabelEmbedding``; dropped in the
+``no_label_side_info`` ablation) and its age at request
 time (log2 hours bucket). A query token (Eq. 11: an MLP compressing all the downstream's
 feature tokens, or the ``id`` ablation: the candidate item id alone) reads the sequence; the
 output enters the token-mixing feature interaction as one more token.
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.nn.base import Backbone, FeatureShape, ModelConfig, TaskHeads
+from models.nn.features import LabelEmbedding
 from models.nn.layers import CrossAttention, SelfAttentionBlock
 
 N_GAP_BUCKETS = 24
@@ -50,13 +52,12 @@ class IATDownstream(nn.Module):
             raise ValueError(f"query must be 'compressed' or 'id', got {cfg.query!r}")
         self.cfg = cfg
         w = cfg.iat_width
-        self.backbone = Backbone(cfg, shape, n_extra_tokens=1)
+        self.backbone = Backbone(cfg, shape, n_extra_tokens=1, seq_labels=cfg.seq_label_side_info)
         # InsEmbs arrive at whatever scale their source model left them; normalising first
         # keeps them from drowning the side-info embeddings at the start of training.
         self.insemb_norm = nn.LayerNorm(cfg.insemb_dim)
         self.adapt = nn.Linear(cfg.insemb_dim, cfg.adapt_dim)
-        self.n_label_ids = 1 << shape.n_tasks
-        self.label_side = nn.Embedding(self.n_label_ids + 1, cfg.side_dim, padding_idx=self.n_label_ids)
+        self.label_side = LabelEmbedding(shape.n_tasks, cfg.side_dim, cfg.unknown_label_rate)
         self.gap_side = nn.Embedding(N_GAP_BUCKETS, cfg.side_dim)
         side = cfg.side_dim * (2 if cfg.label_side_info else 1)
         self.token_proj = nn.Linear(cfg.adapt_dim + side, w)
@@ -76,13 +77,13 @@ class IATDownstream(nn.Module):
         self.heads = TaskHeads(self.backbone.out_dim, shape.n_tasks, cfg.head_hidden)
 
     # -- history side (once per request)
-    def history_tokens(self, insemb: torch.Tensor, label_ids: torch.Tensor,
+    def history_tokens(self, insemb: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                        gap_ids: torch.Tensor) -> torch.Tensor:
-        """InsTokens [B, L, w] (Eq. 9-10) from InsEmbs [B, L, d], past-label ids (-1 pad) and
-        age buckets."""
+        """InsTokens [B, L, w] (Eq. 9-10) from InsEmbs [B, L, d], past labels [B, L, T] (1, 0,
+        -1 unknown), the history mask [B, L] and age buckets."""
         parts = [F.gelu(self.adapt(self.insemb_norm(insemb)))]
         if self.cfg.label_side_info:
-            parts.append(self.label_side(torch.where(label_ids < 0, self.n_label_ids, label_ids)))
+            parts.append(self.label_side(labels, mask))
         parts.append(self.gap_side(gap_ids))
         tokens = self.token_proj(torch.cat(parts, dim=-1))
         return tokens + self.pos[1: tokens.shape[1] + 1]
@@ -123,7 +124,7 @@ class IATDownstream(nn.Module):
         return self.heads(self.backbone.interact(fields, seq_tok, [self.out(x[:, 0])]))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens = self.history_tokens(batch["hist_emb"], batch["hist_label"],
+        tokens = self.history_tokens(batch["hist_emb"], batch["hist_labels"], batch["hist_mask"],
                                      gap_bucket(batch["ts_ms"], batch["hist_ts"]))
         if self.cfg.attention == "full":
             return self._full(batch, tokens, batch["hist_mask"])

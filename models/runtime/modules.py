@@ -108,17 +108,22 @@ class IATRanking(nn.Module):
         self.item_column = int(config["item_column"])
         self.seq_len = mc.seq_len
         self.n_tasks = int(config["shape"]["n_tasks"])
-        self.register_buffer("label_bits", torch.arange(self.n_tasks), persistent=False)
 
     def history_inputs(self, hist_emb, hist_labels, hist_ts, hist_mask, request_ms):
-        """(InsTokens [1, n, w], mask [1, n]) exactly as ``iat_batch`` builds them offline."""
+        """(InsTokens [1, n, w], mask [1, n]) exactly as ``iat_batch`` builds them offline.
+        A label of -1 (unknown) stays unknown: the model has an embedding for it."""
         emb = hist_emb * hist_mask.unsqueeze(-1).to(hist_emb.dtype)
-        combo = (hist_labels.clamp(min=0, max=1) << self.label_bits).sum(-1)  # unknown -> 0
-        label_ids = torch.where(hist_mask, combo, torch.full_like(combo, -1))
         ts = torch.where(hist_mask, hist_ts, request_ms.expand_as(hist_ts))
         gaps = gap_bucket(request_ms, ts.unsqueeze(0))
-        tokens = self.model.history_tokens(emb.unsqueeze(0), label_ids.unsqueeze(0), gaps)
+        tokens = self.model.history_tokens(emb.unsqueeze(0), hist_labels.unsqueeze(0),
+                                           hist_mask.unsqueeze(0), gaps)
         return tokens, hist_mask.unsqueeze(0)
+
+    def sequence_labels(self, hist_labels, hist_mask, n_candidates: int):
+        """The behaviour sequence's past labels [C, seq_len, T], as ``feature_batch`` builds them."""
+        labels = torch.where(hist_mask.unsqueeze(-1), hist_labels, torch.full_like(hist_labels, -1))
+        seq = F.pad(labels, (0, 0, 0, self.seq_len), value=-1)[: self.seq_len]
+        return seq.unsqueeze(0).expand(n_candidates, self.seq_len, self.n_tasks)
 
     def candidates(self, hist_items, hist_mask, cat, multi, num) -> dict:
         items = torch.where(hist_mask, hist_items, torch.full_like(hist_items, -1))
@@ -130,6 +135,7 @@ class IATRanking(nn.Module):
         tokens, mask = self.history_inputs(hist_emb, hist_labels, hist_ts, hist_mask, request_ms)
         memory = self.model.encode_history(tokens, mask)          # once per request
         batch = self.candidates(hist_items, hist_mask, cat, multi, num)
+        batch["seq_labels"] = self.sequence_labels(hist_labels, hist_mask, cat.shape[0])
         return torch.sigmoid(self.model.score(memory, batch))
 
 

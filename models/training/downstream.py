@@ -7,13 +7,8 @@ import torch
 from models.data.prepared import PreparedData
 from models.nn.base import FeatureShape, ModelConfig
 from models.nn.downstream import IATDownstream
-from models.training.batches import feature_batch
+from models.training.batches import feature_batch, history_labels
 from models.training.loop import TrainConfig, fit, predict, shuffled_batches
-
-
-def label_combo(labels: np.ndarray) -> np.ndarray:
-    """Past labels [..., T] of 0/1 -> one id per combination, sum_t y_t 2^t."""
-    return (labels.astype(np.int64) << np.arange(labels.shape[-1])).sum(-1)
 
 
 def iat_batch(data: PreparedData, rows: np.ndarray, insemb: np.ndarray, cfg: ModelConfig,
@@ -28,7 +23,7 @@ def iat_batch(data: PreparedData, rows: np.ndarray, insemb: np.ndarray, cfg: Mod
     batch = feature_batch(data, rows, cfg.seq_len)
     batch["ts_ms"] = torch.from_numpy(data.ts_ms[rows])
     batch["hist_emb"] = torch.from_numpy(insemb[hc] * mask[..., None])
-    batch["hist_label"] = torch.from_numpy(np.where(mask, label_combo(data.labels[hc]), -1))
+    batch["hist_labels"] = torch.from_numpy(history_labels(data, hist))
     batch["hist_ts"] = torch.from_numpy(np.where(mask, data.ts_ms[hc], data.ts_ms[rows][:, None]))
     batch["hist_mask"] = torch.from_numpy(mask)
     return batch

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from models.data.prepared import PreparedData
-from models.nn.base import BaseRanker, FeatureShape
+from models.nn.base import BaseRanker, FeatureShape, ModelConfig
 from models.training.batches import feature_batch
 from models.training.downstream import predict_downstream, train_downstream
 from models.training.loop import fit, predict, set_seed, shuffled_batches
@@ -44,12 +44,13 @@ from models.training.source import (
     two_pass_insembs,
     user_crossfit_insembs,
 )
+from models.training.statistics import mean_interval, mean_std, paired_difference
 
 # ---------------------------------------------------------------- the paper's rows
 
-def row_base(data: PreparedData, seed: int, cfg: ExperimentConfig) -> RowResult:
+def row_base(data: PreparedData, seed: int, cfg: ExperimentConfig, **overrides) -> RowResult:
     set_seed(seed)
-    mc = cfg.model
+    mc = replace(cfg.model, **overrides)
     model = BaseRanker(mc, FeatureShape.of(data))
     train, val, test = (data.split_indices(s) for s in (0, 1, 2))
     rng = np.random.default_rng(seed)
@@ -117,19 +118,34 @@ def user_order_embeddings(data: PreparedData, seed: int, cfg: ExperimentConfig):
     return cfg.shared(("user", id(data), seed), build)
 
 
-def _downstream_row(source: str, **overrides) -> RowFn:
+DOWNSTREAM_ROWS: dict[str, tuple[str, dict]] = {}  # row name -> (InsEmb source, ModelConfig overrides)
+
+
+def downstream_inputs(name: str, data: PreparedData, seed: int, cfg: ExperimentConfig
+                      ) -> tuple[np.ndarray, ModelConfig, dict]:
+    """What downstream row ``name`` trains on: (InsEmbs of every instance [N, d], its model
+    config, the source's info). ``zero`` gives InsEmbs of zeros and no source at all: the
+    control that isolates what the InsEmbs add (same seed, batches and side info as user_iat)."""
+    source, overrides = DOWNSTREAM_ROWS[name]
+    if source == "temporal":
+        e_all, src_info = temporal_source_embeddings(data, seed, cfg)
+    elif source == "user_two_pass":
+        e_all, src_info = cfg.shared(("two_pass", id(data), seed), lambda: two_pass_insembs(
+            data, cfg.model, cfg.train, seed, cfg.source_window))
+    elif source == "zero":
+        e_all, src_info = np.zeros((data.n, cfg.model.insemb_dim), dtype=np.float32), {"insembs": "zero"}
+    else:
+        e_all, src_info = user_order_embeddings(data, seed, cfg)
+    return e_all, replace(cfg.model, **overrides), src_info
+
+
+def _downstream_row(name: str, source: str, **overrides) -> RowFn:
+    DOWNSTREAM_ROWS[name] = (source, overrides)
+
     def row(data: PreparedData, seed: int, cfg: ExperimentConfig) -> RowResult:
-        if source == "temporal":
-            e_all, src_info = temporal_source_embeddings(data, seed, cfg)
-        elif source == "user_two_pass":
-            e_all, src_info = cfg.shared(("two_pass", id(data), seed), lambda: two_pass_insembs(
-                data, cfg.model, cfg.train, seed, cfg.source_window))
-        else:
-            e_all, src_info = user_order_embeddings(data, seed, cfg)
+        e_all, mc, src_info = downstream_inputs(name, data, seed, cfg)
         set_seed(seed)
-        mc = replace(cfg.model, **overrides)
-        model, info = train_downstream(data, e_all, mc, cfg.train, seed,
-                                       desc=f"{source} downstream {overrides or ''} s{seed}")
+        model, info = train_downstream(data, e_all, mc, cfg.train, seed, desc=f"{name} s{seed}")
         val, test = data.split_indices(1), data.split_indices(2)
         return RowResult(predict_downstream(model, data, val, e_all),
                          predict_downstream(model, data, test, e_all),
@@ -137,18 +153,25 @@ def _downstream_row(source: str, **overrides) -> RowFn:
     return row
 
 
-register_row("base", row_base, description="base ranking model (Eq. 1-3)")
-register_row("temporal_iat", _downstream_row("temporal"),
+register_row("base", row_base,
+             description="base ranking model (Eq. 1-3); its behaviour sequence carries past labels")
+register_row("base_item_ids_only", lambda d, s, c: row_base(d, s, c, seq_label_side_info=False),
+             default=False, description="base model whose behaviour sequence has item ids only (no labels)")
+register_row("temporal_iat", _downstream_row("temporal_iat", "temporal"),
              description="downstream over temporal-order InsEmbs, shared-history attention")
-register_row("user_iat", _downstream_row("user"),
+register_row("user_iat", _downstream_row("user_iat", "user"),
              description="downstream over user-order (SIT) InsEmbs, shared-history attention")
-register_row("user_iat_full_attention", _downstream_row("user", attention="full"),
+register_row("user_iat_zero_insemb", _downstream_row("user_iat_zero_insemb", "zero"),
+             description="control: user_iat with every InsEmb zero (same side info, seed, batches)")
+register_row("user_iat_full_attention", _downstream_row("user_iat_full_attention", "user", attention="full"),
              description="as user_iat, full attention over [query; history] (the paper's)")
-register_row("user_iat_no_label_side_info", _downstream_row("user", label_side_info=False),
-             description="as user_iat without past labels as side info")
-register_row("user_iat_id_query", _downstream_row("user", query="id"),
+register_row("user_iat_no_label_side_info",
+             _downstream_row("user_iat_no_label_side_info", "user", label_side_info=False,
+                             seq_label_side_info=False),
+             description="as user_iat without past labels (neither in the IAT nor the behaviour sequence)")
+register_row("user_iat_id_query", _downstream_row("user_iat_id_query", "user", query="id"),
              description="as user_iat with the candidate item id as the query")
-register_row("user_iat_two_pass", _downstream_row("user_two_pass"), default=False,
+register_row("user_iat_two_pass", _downstream_row("user_iat_two_pass", "user_two_pass"), default=False,
              description="as user_iat with two-pass user-order InsEmbs (App. A.3)")
 
 
@@ -157,9 +180,34 @@ import models.training.sif.rows  # noqa: E402,F401
 
 # ---------------------------------------------------------------- running and reporting
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=0)) if len(arr) > 1 else 0.0
+METRICS = ("auc", "gauc", "logloss")
+
+# The comparisons results.json reports as paired differences (A - B, same seed and split), when
+# both rows ran: (A, B, what the difference measures).
+COMPARISONS = (
+    ("user_iat", "user_iat_zero_insemb", "what user-order InsEmbs add (the IAT claim)"),
+    ("user_iat", "temporal_iat", "user-order vs temporal-order source"),
+    ("temporal_iat", "user_iat_zero_insemb", "what temporal-order InsEmbs add"),
+    ("user_iat", "base", "IAT vs the base model, both given past labels"),
+    ("sif", "base", "SIF vs the base model"),
+    ("user_iat", "user_iat_full_attention", "shared-history vs full attention"),
+    ("base", "base_item_ids_only", "what past labels add to the base model's sequence"),
+)
+
+
+def compare_rows(per_row: dict[str, list[dict]], tasks: list[str]) -> list[dict]:
+    """Paired differences with 95% t-intervals for every ``COMPARISONS`` pair that ran."""
+    out = []
+    for a, b, meaning in COMPARISONS:
+        if a not in per_row or b not in per_row:
+            continue
+        per_task = {}
+        for task in tasks:
+            per_task[task] = {metric: paired_difference(
+                {r["seed"]: r["test"][task][metric] for r in per_row[a]},
+                {r["seed"]: r["test"][task][metric] for r in per_row[b]}) for metric in METRICS}
+        out.append({"name": f"{a} - {b}", "a": a, "b": b, "meaning": meaning, "per_task": per_task})
+    return out
 
 
 def _jsonable(obj):
@@ -202,10 +250,9 @@ def _run_seed(data: PreparedData, cfg: ExperimentConfig, names: list[str], seed:
 
 def share_group(name: str) -> str:
     """Rows in one group share source models, so they run in the same process."""
-    if name.startswith("temporal"):
-        return "temporal"
-    if name.startswith("user_iat") and name != "user_iat_two_pass":
-        return "user"
+    source = DOWNSTREAM_ROWS.get(name, ("", {}))[0]
+    if source in ("temporal", "user"):
+        return source
     return name
 
 
@@ -260,15 +307,17 @@ def run_experiment(data: PreparedData, cfg: ExperimentConfig, rows: list[str] | 
         per_task = {}
         for task in data.tasks:
             entry = {}
-            for metric in ("auc", "gauc", "logloss"):
-                mean, std = _mean_std([r["test"][task][metric] for r in runs])
-                entry[metric], entry[f"{metric}_std"] = mean, std
-            entry["val_auc"], entry["val_auc_std"] = _mean_std([r["val"][task]["auc"] for r in runs])
+            for metric in METRICS:
+                stats = mean_interval([r["test"][task][metric] for r in runs])
+                entry[metric], entry[f"{metric}_std"], entry[f"{metric}_ci95"] = (
+                    stats["mean"], stats["std"], stats["ci"])
+            entry["val_auc"], entry["val_auc_std"] = mean_std([r["val"][task]["auc"] for r in runs])
             per_task[task] = entry
         head = per_task[data.tasks[0]]
         out_rows.append({"model": name, **{k: head[k] for k in
-                        ("auc", "gauc", "logloss", "auc_std", "gauc_std", "logloss_std", "val_auc", "val_auc_std")},
-                         "per_task": per_task, "seconds_per_seed": _mean_std([r["seconds"] for r in runs])[0],
+                        ("auc", "gauc", "logloss", "auc_std", "gauc_std", "logloss_std", "auc_ci95",
+                         "gauc_ci95", "logloss_ci95", "val_auc", "val_auc_std")},
+                         "per_task": per_task, "seconds_per_seed": mean_std([r["seconds"] for r in runs])[0],
                          "description": ROWS[name].description,
                          "runs": [{"seed": r["seed"], "test": r["test"], "val": r["val"],
                                    "extra": r["extra"]} for r in runs]})
@@ -276,10 +325,22 @@ def run_experiment(data: PreparedData, cfg: ExperimentConfig, rows: list[str] | 
                       "seeds": seeds, "n_instances": data.n,
                       "split_sizes": {"train": len(data.split_indices(0)), "val": len(val), "test": len(test)},
                       "config": cfg.to_dict(), "wall_seconds": time.perf_counter() - started,
-                      "rows": out_rows})
+                      "std": "sample standard deviation over seeds (ddof=1)",
+                      "intervals": "95% Student-t intervals over seeds; comparisons are paired by seed",
+                      "rows": out_rows, "comparisons": compare_rows(per_row, data.tasks)})
+
+
+def _fmt(value) -> str:
+    return "nan" if value is None else f"{value:.4f}"
+
+
+def _fmt_ci(ci) -> str:
+    return "n/a (1 seed)" if not ci else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
 def results_table(results: dict) -> str:
+    """Rows (mean ± sample std over seeds, every task), then the paired comparisons with
+    their 95% intervals (headline task)."""
     tasks = results["tasks"]
     head = f"{'model':<30}" + "".join(f" {t + ' ' + m:>22}" for t in tasks for m in ("AUC", "GAUC", "LogLoss"))
     lines = [head, "-" * len(head)]
@@ -287,10 +348,20 @@ def results_table(results: dict) -> str:
         cells = []
         for t in tasks:
             pt = row["per_task"][t]
-            for m in ("auc", "gauc", "logloss"):
+            for m in METRICS:
                 val, std = pt[m], pt[f"{m}_std"]
-                cells.append(f" {'nan' if val is None else f'{val:.4f}'} ± {0.0 if std is None else std:.4f}".rjust(23))
+                cells.append(f" {_fmt(val)} ± {0.0 if std is None else std:.4f}".rjust(23))
         lines.append(f"{row['model']:<30}" + "".join(cells))
+    comparisons = results.get("comparisons") or []
+    if comparisons:
+        task = results["headline_task"]
+        lines += ["", f"paired differences A - B, test {task}, {results['seeds']} seeds "
+                      "(mean, 95% t-interval):",
+                  f"{'comparison':<48} {'AUC':>9} {'AUC 95% CI':>20} {'GAUC':>9} {'GAUC 95% CI':>20}"]
+        for c in comparisons:
+            auc_d, gauc_d = c["per_task"][task]["auc"], c["per_task"][task]["gauc"]
+            lines.append(f"{c['name']:<48} {_fmt(auc_d['mean']):>9} {_fmt_ci(auc_d['ci']):>20} "
+                         f"{_fmt(gauc_d['mean']):>9} {_fmt_ci(gauc_d['ci']):>20}")
     return "\n".join(lines)
 
 
@@ -305,25 +376,50 @@ def write_results(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def plot_results(results: dict, path: Path) -> None:
+    """Per row: test AUC / GAUC of the headline task, mean with its 95% interval over seeds;
+    and the paired differences (A - B) with their 95% intervals, a line at 0."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
+    comparisons = results.get("comparisons") or []
+    task = results["headline_task"]
     names = [r["model"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(rows) + 2.5))
-    for ax, metric in zip(axes, ("auc", "gauc", "logloss")):
-        means = [r[metric] if r[metric] is not None else np.nan for r in rows]
-        stds = [r[f"{metric}_std"] or 0.0 for r in rows]
-        ax.barh(range(len(rows)), means, xerr=stds, color="tab:blue", alpha=0.8, capsize=3)
+    n_panels = 2 + (1 if comparisons else 0)
+    height = 0.45 * max(len(rows), len(comparisons)) + 2.5
+    fig, axes = plt.subplots(1, n_panels, figsize=(6 * n_panels, height))
+
+    def errors(means, cis):
+        lo = [m - c[0] if c else 0.0 for m, c in zip(means, cis)]
+        hi = [c[1] - m if c else 0.0 for m, c in zip(means, cis)]
+        return [lo, hi]
+
+    for ax, metric in zip(axes, ("auc", "gauc")):
+        means = [r["per_task"][task][metric] for r in rows]
+        means = [np.nan if m is None else m for m in means]
+        cis = [r["per_task"][task][f"{metric}_ci95"] for r in rows]
+        ax.errorbar(means, range(len(rows)), xerr=errors(means, cis), fmt="o", color="tab:blue", capsize=3)
+        ends = [v for m, c in zip(means, cis) for v in (c or [m, m]) if np.isfinite(v)]
+        if ends:  # few seeds give wide t-intervals: keep the axis on the AUC scale
+            pad = max(max(ends) - min(ends), 0.01) * 0.05
+            ax.set_xlim(max(0.0, min(ends) - pad), min(1.0, max(ends) + pad))
         ax.set_yticks(range(len(rows)), names if metric == "auc" else [""] * len(rows))
-        finite = [m for m in means if np.isfinite(m)]
-        if finite:
-            span = max(finite) - min(finite)
-            pad = max(span, 0.005)
-            ax.set_xlim(min(finite) - pad, max(finite) + pad)
-        ax.set_title(f"{results['headline_task']} {metric.upper()} (test, mean ± std, {results['seeds']} seeds)")
+        ax.set_title(f"{task} test {metric.upper()} (mean, 95% CI, {results['seeds']} seeds)")
         ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    if comparisons:
+        ax = axes[-1]
+        means = [c["per_task"][task]["auc"]["mean"] for c in comparisons]
+        means = [np.nan if m is None else m for m in means]
+        cis = [c["per_task"][task]["auc"]["ci"] for c in comparisons]
+        ax.errorbar(means, range(len(comparisons)), xerr=errors(means, cis), fmt="s", color="tab:red", capsize=3)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.yaxis.tick_right()
+        ax.set_yticks(range(len(comparisons)), [c["name"] for c in comparisons])
+        ax.set_title("paired AUC difference A - B (95% CI)")
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{results['dataset']}: {len(rows)} rows")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -44,20 +44,19 @@ from models.training.sif.rows import (
     prepare_inputs,
     pretrain_tokenizer,
     train_sif,
+    train_vocabulary,
 )
 from models.training.source import insembs, train_user_order_source
 
 
 def sif_vocabularies(data: PreparedData) -> list[np.ndarray]:
-    """Per cat field, then per multi field: the train split's sorted hashed ids (``_compact``)."""
+    """Per cat field, then per multi field: the train split's vocabulary (``_compact``)."""
     train = data.split_indices(0)
     out = []
     for j in range(data.cat.shape[1]):
-        col = data.cat[train, j]
-        out.append(np.unique(col[col >= 0]))
+        out.append(train_vocabulary(data.cat[train, j]))
     for j in range(data.multi.shape[1]):
-        col = data.multi[train][:, j]
-        out.append(np.unique(col[col >= 0]))
+        out.append(train_vocabulary(data.multi[train][:, j]))
     return out
 
 

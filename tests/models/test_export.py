@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,7 +37,15 @@ def test_vocab_compaction_equals_sif_training_inputs(synthetic):
     got = enc(torch.from_numpy(data.cat), torch.from_numpy(data.multi), torch.from_numpy(data.num))
     assert torch.equal(got.categorical, want.categorical)
     assert torch.equal(got.multi, want.multi)
-    assert (got.categorical[data.split_indices(0)] > 0).all()  # every train id is in the vocabulary
+    # every id seen MIN_COUNT times in train has its own row; rarer ones share row 0 with the
+    # unseen ones (so row 0 is trained)
+    from models.training.sif.rows import MIN_COUNT
+    train_cat = data.cat[data.split_indices(0)]
+    for j in range(train_cat.shape[1]):
+        ids, counts = np.unique(train_cat[:, j], return_counts=True)
+        frequent = np.isin(train_cat[:, j], ids[counts >= MIN_COUNT])
+        assert (got.categorical[data.split_indices(0)][frequent, j] > 0).all()
+        assert (got.categorical[data.split_indices(0)][~frequent, j] == 0).all()
     unseen = enc(torch.full((1, data.cat.shape[1]), data.n_buckets - 1), torch.from_numpy(data.multi[:1]),
                  torch.from_numpy(data.num[:1])).categorical
     assert (unseen <= 1).all()

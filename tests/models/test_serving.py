@@ -316,3 +316,31 @@ def test_aoti_equals_eager_on_real_batches(serving_run, loaded, aoti_versions):
     for r in e_ref:
         np.testing.assert_allclose(e_got[r], e_ref[r], atol=1e-5, rtol=0)
         assert np.array_equal(c_got[r], c_ref[r])
+
+
+@pytest.mark.parametrize("name", ["iat", "sif"])
+def test_unknown_labels_served_equal_offline(serving_run, loaded, name):
+    """History labels of -1 (ingest had none yet) are their own value, the same in training
+    code and in the served module: on requests whose histories miss labels (whole instances
+    and single tasks) the served scores equal the offline ones within 1e-5, and differ from
+    what the model gives when those labels are read as negatives."""
+    from models.training.offline import offline_scores
+    data, run_dir = serving_run[:2]
+    rng = np.random.default_rng(3)
+    labels = data.labels.copy()
+    hidden = rng.random(data.n) < 0.3
+    labels[hidden] = -1
+    labels[(rng.random(data.n) < 0.3) & ~hidden, 0] = -1
+    missing = data.with_arrays(labels=labels)
+    hist = missing.history_index(HISTORY_LEN)
+    has_unknown = ((hist >= 0) & (labels[np.clip(hist, 0, None)] < 0).any(-1)).any(1)
+    rows = np.intersect1d(np.flatnonzero(has_unknown), data.split_indices(2))[:40]
+    assert len(rows) >= 10
+    want = offline_scores(run_dir, missing, rows, name=name)
+    for rt in RUNTIMES_FAST:
+        got = np.concatenate([loaded[rt][name].score(*service_inputs(missing, loaded[rt]["source"], r, 1)[:1],
+                                                     int(data.ts_ms[r]), *features(data, [r]))
+                              for r in rows])
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"{name} {rt}")
+    as_negative = offline_scores(run_dir, data.with_arrays(labels=np.clip(labels, 0, None)), rows, name=name)
+    assert np.abs(as_negative - want).max() > 1e-4

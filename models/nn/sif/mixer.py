@@ -75,6 +75,7 @@ class SIFMixer(nn.Module):
         history_outcomes: bool = True,
         train_codebooks: bool = True,
         dropout: float = 0.0,
+        unknown_outcome_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if history_mode not in HISTORY_MODES:
@@ -104,10 +105,14 @@ class SIFMixer(nn.Module):
         self.column_embedding = nn.Parameter(torch.zeros(n_s, d_s))
         self.recency_embedding = nn.Embedding(recency_buckets, d_s)
         self.target_embedding = nn.Parameter(torch.zeros(d_s))
-        self.outcome_embedding = nn.Embedding(2 * n_tasks, d_s) if history_outcomes else None
+        # per task three values: unknown (-1: ingest had no label), 0, 1; in training each
+        # history outcome is shown as unknown at ``unknown_outcome_rate`` so the unknown rows
+        # are trained at the rate the store holds them
+        self.outcome_embedding = nn.Embedding(3 * n_tasks, d_s) if history_outcomes else None
+        self.unknown_outcome_rate = unknown_outcome_rate
         # index tensors as buffers, not torch.arange in forward: they follow .to(device), whereas a
         # trace would freeze the device a factory call ran on into the exported graph
-        self.register_buffer("outcome_offsets", 2 * torch.arange(n_tasks), persistent=False)
+        self.register_buffer("outcome_offsets", 3 * torch.arange(n_tasks), persistent=False)
         if codebooks is not None:
             self.register_buffer("code_subtoken", torch.arange(n_s).view(n_s, 1), persistent=False)
             self.register_buffer("code_level", torch.arange(codebooks.shape[1]).view(1, -1), persistent=False)
@@ -163,8 +168,8 @@ class SIFMixer(nn.Module):
     ) -> HistoryMemory:
         """History from dense rows [B, L, N_s, d_s] (codebook sums, or raw z for the dense ablation).
 
-        outcomes: optional labels of the history samples [B, L, T] in {0, 1} (the behavioural
-        outcome the raw sample records; known before the request).
+        outcomes: optional labels of the history samples [B, L, T] in {1, 0, -1 unknown} (the
+        behavioural outcome the raw sample records, when known before the request).
         """
         b, length = rows.shape[:2]
         if mask.shape != (b, length) or recency.shape != (b, length):
@@ -174,7 +179,13 @@ class SIFMixer(nn.Module):
         x = rows[:, :, cols] + self.column_embedding[cols]
         x = x + self.recency_embedding(recency.long().clamp(0, self.recency_buckets - 1)).unsqueeze(2)
         if outcomes is not None and self.outcome_embedding is not None:
-            x = x + self.outcome_embedding(outcomes.long().clamp(0, 1) + self.outcome_offsets).sum(-2).unsqueeze(2)
+            values = outcomes.long().clamp(-1, 1)
+            rate = self.unknown_outcome_rate
+            if self.training and rate > 0:
+                hide = (torch.rand(values.shape[:-1], device=values.device) < rate).unsqueeze(-1)
+                hide = hide | (torch.rand(values.shape, device=values.device) < rate)
+                values = torch.where(hide, torch.full_like(values, -1), values)
+            x = x + self.outcome_embedding(values + 1 + self.outcome_offsets).sum(-2).unsqueeze(2)
         x = x * mask[..., None, None]
         if self.history_mode == "pooled":
             x = x.mean(2, keepdim=True)

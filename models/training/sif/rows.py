@@ -82,9 +82,22 @@ SETTINGS = SIFSettings()
 
 # ---------------------------------------------------------------- data -> tokenizer inputs
 
+# An id must occur this often in the train split to get its own row; rarer ids share row 0 with
+# the ids never seen in training. So row 0 is trained (on the rare ids) and an id first seen at
+# test time reads a trained row instead of one left at its random init.
+MIN_COUNT = 2
+
+
+def train_vocabulary(values: np.ndarray) -> np.ndarray:
+    """Sorted ids (>= 0) occurring at least ``MIN_COUNT`` times in ``values`` (train split)."""
+    ids, counts = np.unique(values[values >= 0], return_counts=True)
+    return ids[counts >= MIN_COUNT]
+
+
 def _compact(values: np.ndarray, train_rows: np.ndarray) -> tuple[np.ndarray, int]:
-    """Hashed ids -> 1..V by the train split's vocabulary; 0 = unseen in train; -1 stays -1."""
-    vocab = np.unique(values[train_rows][values[train_rows] >= 0])
+    """Hashed ids -> 1..V by the train split's vocabulary (``train_vocabulary``); 0 = rare or
+    unseen in train; -1 stays -1."""
+    vocab = train_vocabulary(values[train_rows])
     pos = np.searchsorted(vocab, values)
     found = (pos < len(vocab)) & (vocab[np.clip(pos, 0, max(0, len(vocab) - 1))] == values) if len(vocab) else np.zeros(values.shape, bool)
     out = np.where(found, pos + 1, 0)
@@ -178,7 +191,8 @@ def train_sif(data: PreparedData, prepared: SIFInputs, pretrained: SampleTokeniz
     columns = tok.subtoken_index("item_id") if item_id_only else None
     mixer = SIFMixer(prepared.schema, None if dense else tok.quantizer.codebooks, k=s.k, d_s=s.d_s,
                      n_blocks=s.n_blocks, n_heads=s.n_heads, ffn_dim=s.ffn_dim, field_dim=s.field_dim,
-                     n_tasks=len(data.tasks), history_mode=history_mode, history_columns=columns)
+                     n_tasks=len(data.tasks), history_mode=history_mode, history_columns=columns,
+                     unknown_outcome_rate=cfg.model.unknown_label_rate)
     if not dense:
         mixer.codebooks = tok.quantizer.codebooks  # one codebook: L_rank trains it too
     mixer.target_projection.load_state_dict(tok.encoder.state_dict())  # P(x) starts at z ~ q
