@@ -128,6 +128,37 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+class ConsumerGroup:
+    """One consumer group of one stream, entries as they are stored ((id, fields) pairs): the
+    reads and acks every stream consumer of this project makes (the instance stream below, the
+    source service's raw-instance stream)."""
+
+    def __init__(self, client, key: str, group: str) -> None:
+        self.client, self.key, self.group = client, key, group
+
+    def ensure(self, start_id: str = "0") -> bool:
+        """Create the group (and the stream) if absent; True when it was created.
+        ``start_id="0"``: entries published before the group existed are delivered too."""
+        try:
+            self.client.xgroup_create(self.key, self.group, id=start_id, mkstream=True)
+            return True
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" in str(exc):
+                return False
+            raise
+
+    def read(self, consumer: str, start: str = ">", count: int = 100, block_ms: int | None = None) -> list:
+        """``start=">"``: new entries (they stay pending until acked); ``"0"`` or an id: this
+        consumer's own pending entries after it (deleted ones come back with empty fields)."""
+        reply = self.client.xreadgroup(self.group, consumer, {self.key: start}, count=count,
+                                       block=block_ms if start == ">" else None)
+        return reply[0][1] if reply else []
+
+    def ack(self, entry_ids: Iterable) -> int:
+        ids = list(entry_ids)
+        return int(self.client.xack(self.key, self.group, *ids)) if ids else 0
+
+
 class InstanceStream:
     def __init__(
         self,
@@ -151,6 +182,7 @@ class InstanceStream:
         # "deleted_while_pending" (the services count them in a metric; storage knows none).
         self.on_dropped = on_dropped
         self._count_after = None  # redis-py Script: EVALSHA, loaded again after NOSCRIPT
+        self.consumers = ConsumerGroup(client, self.key, group)
 
     def publish(self, events: Sequence, pipe=None) -> list[str]:
         """XADD each event (InstanceEvent, InstanceRecord or alike); all validated first. Entry ids.
@@ -182,22 +214,12 @@ class InstanceStream:
         return length
 
     def ensure_group(self, start_id: str = "0") -> bool:
-        """Create the consumer group (and the stream) if absent. True when it was created.
-
-        ``start_id="0"``: entries published before the group existed are delivered too.
-        """
-        try:
-            self.client.xgroup_create(self.key, self.group, id=start_id, mkstream=True)
-            return True
-        except redis.exceptions.ResponseError as exc:
-            if "BUSYGROUP" in str(exc):
-                return False
-            raise
+        """Create the consumer group (and the stream) if absent. True when it was created."""
+        return self.consumers.ensure(start_id)
 
     def read(self, consumer: str, count: int = 100, block_ms: int | None = None) -> list[InstanceEvent]:
         """New entries for ``consumer`` (they stay pending until acked). ``block_ms=None``: no wait."""
-        reply = self.client.xreadgroup(self.group, consumer, {self.key: ">"}, count=count, block=block_ms)
-        return self._events(reply[0][1] if reply else [])
+        return self._events(self.consumers.read(consumer, ">", count, block_ms))
 
     def read_own_pending(self, consumer: str, count: int = 100) -> list[InstanceEvent]:
         """Entries delivered to ``consumer`` and not yet acked (a restarted consumer resumes here).
@@ -207,8 +229,7 @@ class InstanceStream:
         """
         start = "0"
         while True:
-            reply = self.client.xreadgroup(self.group, consumer, {self.key: start}, count=count)
-            entries = reply[0][1] if reply else []
+            entries = self.consumers.read(consumer, start, count)
             if not entries:
                 return []
             events = self._events(entries)
@@ -217,8 +238,7 @@ class InstanceStream:
             start = _text(entries[-1][0])
 
     def ack(self, entry_ids: Iterable[str]) -> int:
-        ids = list(entry_ids)
-        return int(self.client.xack(self.key, self.group, *ids)) if ids else 0
+        return self.consumers.ack(entry_ids)
 
     def claim_stale(self, consumer: str, min_idle_ms: int, count: int = 100) -> list[InstanceEvent]:
         """Take over up to ``count`` entries pending longer than ``min_idle_ms`` with other consumers."""

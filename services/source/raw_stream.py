@@ -23,6 +23,7 @@ from services import metrics
 from services.health import WorkerLiveness, run_supervised_async, worker_backoff
 from services.http_errors import field_path
 from services.source.protocol import IngestRejected, Instance, validate_against_model
+from storage.stream import ConsumerGroup
 
 log = logging.getLogger(__name__)
 FIELD = b"instance"
@@ -35,6 +36,7 @@ class RawInstanceConsumer:
         self.group = group
         self.consumer = consumer
         self.block_ms = block_ms
+        self.entries = ConsumerGroup(service.client, stream_key, group)
         self.accepted = 0
         self.rejected = 0
         settings = service.settings
@@ -44,17 +46,10 @@ class RawInstanceConsumer:
         self._own_pending_done = False
 
     def ensure_group(self) -> None:
-        try:
-            self.service.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        self.entries.ensure("0")
 
     def _read(self, start: str) -> list:
-        reply = self.service.client.xreadgroup(self.group, self.consumer, {self.key: start},
-                                               count=self.service.settings.ingest_max_batch,
-                                               block=None if start != ">" else self.block_ms)
-        return reply[0][1] if reply else []
+        return self.entries.read(self.consumer, start, self.service.settings.ingest_max_batch, self.block_ms)
 
     def parse(self, entries) -> tuple[list[Instance], list]:
         """Valid instances, and the ids of every entry (valid or not) to ack after the writes."""
@@ -82,7 +77,7 @@ class RawInstanceConsumer:
             await self.service.batcher.submit(good)
             self.accepted += len(good)
             metrics.INSTANCES.labels("accepted").inc(len(good))
-        await asyncio.to_thread(self.service.client.xack, self.key, self.group, *[i for i, _ in entries])
+        await asyncio.to_thread(self.entries.ack, [i for i, _ in entries])
         return len(entries)
 
     async def _pass(self) -> None:
