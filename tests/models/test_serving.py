@@ -273,7 +273,8 @@ def test_aoti_package_for_another_device_is_refused_at_load(serving_run, tmp_pat
     shutil.copytree(serving_run[3]["iat"], copy)
     (copy / "model.pt2").write_bytes(b"a package compiled elsewhere")
     manifest = read_manifest(copy)
-    write_manifest(copy, {**manifest, **built, "runtimes": {**manifest["runtimes"], "aoti": "model.pt2"}})
+    raw = manifest.to_json()
+    write_manifest(copy, {**raw, **built, "runtimes": {**raw["runtimes"], "aoti": "model.pt2"}})
     with pytest.raises(ArtifactError, match=r"model\.pt2: compiled for cuda, cannot run on cpu .*--device cpu"):
         load_ranking_model(copy, "aoti", "cpu")
 
