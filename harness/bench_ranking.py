@@ -269,18 +269,17 @@ def seed_histories(model_dir: Path, redis_url: str, histories: list[int], settin
     """User ``bench-h<n>`` with n records of the served source version; returns n -> user."""
     from models.runtime.loader import latest_version, load_ranking_model
     from services.ranking.registry import ModelRegistry
+    from services.stores import instance_store
     from storage.connection import connect
-    from storage.instance_store import InstanceStore
     from storage.records import InstanceRecord
 
     registry = ModelRegistry(model_dir, runtime="eager")
     names = registry.ranking_names()
     model = load_ranking_model(latest_version(model_dir, settings.default_model or names[0]), runtime="eager")
-    dim, codec, code_length, code_dtype, tasks = registry.record_layout(model)
+    layout = registry.record_layout(model)
+    dim, code_length, code_dtype, tasks = layout.dim, layout.code_length, np.dtype(layout.code_dtype), layout.tasks
     client = connect(redis_url)
-    store = InstanceStore(client, prefix=settings.key_prefix, dim=dim, codec=codec, tasks=tasks,
-                          retention_days=settings.retention_days, max_sequence_length=settings.max_sequence_length,
-                          code_length=code_length, code_dtype=np.dtype(code_dtype))
+    store = instance_store(client, settings, layout)
     rng = np.random.default_rng(0)
     users = {}
     for n in histories:

@@ -15,8 +15,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 
 def create_app(model_dir: Path, redis_url: str):
     import torch
@@ -25,10 +23,11 @@ def create_app(model_dir: Path, redis_url: str):
     from harness.naive import IATNaive
     from models.export import example_inputs
     from models.runtime.loader import latest_version, load_ranking_model
+    from services.config import Settings
     from services.ranking.protocol import ScoreRequestModel
     from services.ranking.registry import ModelRegistry
+    from services.stores import instance_store
     from storage.connection import connect
-    from storage.instance_store import InstanceStore
 
     version = latest_version(model_dir, "iat")
     model = load_ranking_model(version, "eager", "cpu")
@@ -38,9 +37,8 @@ def create_app(model_dir: Path, redis_url: str):
         warnings.simplefilter("ignore")
         model._runner = torch.jit.trace(naive, example_inputs(naive), check_trace=False)
     model.runtime = "torchscript-naive"
-    dim, codec, code_length, code_dtype, tasks = ModelRegistry(model_dir).record_layout(model)
-    store = InstanceStore(connect(redis_url), dim=dim, codec=codec, tasks=tasks, code_length=code_length,
-                          code_dtype=np.dtype(code_dtype))
+    settings = Settings(redis_url=redis_url)
+    store = instance_store(connect(redis_url), settings, ModelRegistry(model_dir).record_layout(model))
     app = FastAPI(title="naive IAT peer")
 
     @app.get("/healthz")
