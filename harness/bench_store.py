@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from harness.two_trips import read_history_two_trips
 from storage.connection import EmbeddedRedis, connect
 from storage.instance_store import InstanceStore
 from storage.records import InstanceRecord
@@ -73,7 +74,7 @@ def measure(client, lengths: list[int], iterations: int, warmup: int, dim: int, 
         calls = {
             "fused": lambda: store.read_history(user, before, limit),
             "fused_raw": lambda: store.read_history_raw(user, before, limit),
-            "two_trips": lambda: store.read_history_two_trips(user, before, limit),
+            "two_trips": lambda: read_history_two_trips(store, user, before, limit),
             "mget_floor": lambda: client.mget(keys),
         }
         for _ in range(warmup):

@@ -233,7 +233,11 @@ class _StoreBase:
             source_versions=np.zeros(0, np.uint64),
         )
 
-    def _two_trip_history(self, members: list[bytes], values: list[bytes | None], expected_version: str | None) -> History:
+    def history_from_records(self, members: list[bytes], values: list[bytes | None],
+                             expected_version: str | None = None) -> History:
+        """A history from sequence members and their record values as MGET returns them (None:
+        record gone), filtered by source version: how a two-round-trip read (harness/two_trips.py,
+        the latency baseline of the fused read) decodes what it fetched."""
         found = [v for v in values if v is not None]
         history = self._history([len(found), len(members) - len(found), 0, b"".join(found)])
         versions = compatible_source_versions(expected_version if expected_version is not None else self.source_version)
@@ -242,13 +246,7 @@ class _StoreBase:
         keep = np.isin(history.source_versions, np.array([source_version_id(v) for v in versions], np.uint64))
         if keep.all():
             return history
-        return History(
-            ins_ids=history.ins_ids[keep], timestamps_ms=history.timestamps_ms[keep],
-            embeddings=history.embeddings[keep], codes=history.codes[keep] if history.codes is not None else None,
-            labels=history.labels[keep], item_hashes=history.item_hashes[keep],
-            source_versions=history.source_versions[keep], missing=history.missing,
-            version_mismatch=int((~keep).sum()), incompatible=history.incompatible,
-        )
+        return history.select(keep, version_mismatch=int((~keep).sum()))
 
     @staticmethod
     def _raise_first_error(replies: list) -> None:
@@ -353,20 +351,6 @@ class InstanceStore(_StoreBase):
         args = self._read_args(user_id, before_ms, limit, expected_source_version, explain)
         return self._history(self._evalsha(READ_HISTORY_LUA, args))
 
-    def read_history_two_trips(self, user_id: str, before_ms: int, limit: int, expected_source_version: str | None = None) -> History:
-        """The latency baseline in two round trips (ZREVRANGEBYSCORE, then MGET): the newest
-        ``limit`` members and the usable ones among them. Unlike ``read_history`` it does not reach
-        further back past skipped members nor remove dangling ones: equal only when all are usable."""
-        self._read_args(user_id, before_ms, limit)
-        if limit == 0:
-            return self._two_trip_history([], [], expected_source_version)
-        members = self.client.zrevrangebyscore(self.sequence_key(user_id), f"({before_ms}", "-inf", start=0, num=limit)
-        if not members:
-            return self._two_trip_history([], [], expected_source_version)
-        prefix = self.record_key_prefix(user_id).encode()
-        values = self.client.mget([prefix + m for m in members])
-        return self._two_trip_history(members, values, expected_source_version)
-
     def _evalsha_pipelined(self, sha: str, calls: list[tuple]) -> list:
         """EVALSHA per call in pipelines; replies (or exceptions) in call order.
 
@@ -447,17 +431,6 @@ class AsyncInstanceStore(_StoreBase):
                            explain: bool = False) -> History:
         args = self._read_args(user_id, before_ms, limit, expected_source_version, explain)
         return self._history(await self._evalsha(READ_HISTORY_LUA, args))
-
-    async def read_history_two_trips(self, user_id: str, before_ms: int, limit: int, expected_source_version: str | None = None) -> History:
-        self._read_args(user_id, before_ms, limit)
-        if limit == 0:
-            return self._two_trip_history([], [], expected_source_version)
-        members = await self.client.zrevrangebyscore(self.sequence_key(user_id), f"({before_ms}", "-inf", start=0, num=limit)
-        if not members:
-            return self._two_trip_history([], [], expected_source_version)
-        prefix = self.record_key_prefix(user_id).encode()
-        values = await self.client.mget([prefix + m for m in members])
-        return self._two_trip_history(members, values, expected_source_version)
 
     async def read_histories(
         self, user_ids: Sequence[str], befores_ms: Sequence[int], limit: int, expected_source_version: str | None = None

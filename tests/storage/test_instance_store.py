@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.two_trips import aread_history_two_trips, read_history_two_trips
 from storage.connection import connect_async
 from storage.instance_store import AsyncInstanceStore, InstanceStore
 from storage.records import InstanceRecord
@@ -83,7 +84,7 @@ def test_fused_read_property(backend, user, instances, before, limit, redelivere
     assert store.sequence_length(user) == len(instances)
 
     check_history(store.read_history(user, before, limit), instances, before, limit, user)
-    check_history(store.read_history_two_trips(user, before, limit), instances, before, limit, user)
+    check_history(read_history_two_trips(store, user, before, limit), instances, before, limit, user)
     other = user + "x"
     [mine, nobody] = store.read_histories([user, other], [before, before], limit)
     check_history(mine, instances, before, limit, user)
@@ -121,7 +122,7 @@ def test_ttl_set_and_expired_records_counted_missing(backend):
     store_seq_only.append_to_sequences([("u", i, i) for i in range(3)])
     time.sleep(0.45)  # records expire, the sequence (no TTL here) keeps their ids
     # The two-trip baseline only reads; the fused read also removes the dangling members.
-    for read in (short.read_history_two_trips, short.read_history):
+    for read in (lambda *a: read_history_two_trips(short, *a), short.read_history):
         history = read("u", 100, 10)
         assert len(history) == 0 and history.missing == 3
     assert short.sequence_length("u") == 0 and short.read_history("u", 100, 10).missing == 0
@@ -191,7 +192,7 @@ def test_async_store_matches_sync(backend):
         try:
             store = AsyncInstanceStore(async_client, dim=DIM, tasks=TASKS)
             one = await store.read_history("u", 30, 12)
-            two = await store.read_history_two_trips("u", 30, 12)
+            two = await aread_history_two_trips(store, "u", 30, 12)
             many = await store.read_histories(["u", "nobody"], [30, 30], 12)
             return one, two, many
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from harness.two_trips import read_history_two_trips
 from storage.instance_store import InstanceStore
 from storage.records import HEADER_BYTES, InstanceRecord, InvalidRecord
 
@@ -79,7 +80,7 @@ def test_bad_sequence_entry_writes_nothing(store, redis_client, entry, field):
     "args, field", [(("", 10, 5), "user_id"), (("u", -1, 5), "before_ms"), (("u", 10, -1), "limit")]
 )
 def test_bad_read_arguments(store, args, field):
-    for read in (store.read_history, store.read_history_two_trips):
+    for read in (store.read_history, lambda *a: read_history_two_trips(store, *a)):
         with pytest.raises(InvalidRecord) as info:
             read(*args)
         assert info.value.field == field
