@@ -4,6 +4,11 @@ Keys (DESIGN.md section 4); the user id is the Redis Cluster hash tag, so one us
 and records sit on one shard and one server-side script reads or writes them together:
   {prefix}:seq:{<uid>}            sorted set, score = timestamp ms, member = InsID as 20 digits
   {prefix}:ins:{<uid>}:<insid20>  one record (storage.records binary format), TTL = retention
+where <uid> is the user id as is, except that an id starting with "}" (or NUL) gets a NUL in
+front (``user_tag``): Redis takes the text between the first "{" and the next "}" as the tag,
+so "{}x}" would have an empty tag, which Redis ignores, hashing the whole key instead and
+putting a user's sequence and records on different slots. Valid user ids hold no NUL
+(contract.validation), so the escape never meets a real id and keeps keys one-to-one.
 
 Ordering: newest first; equal timestamps by InsID descending (members are zero-padded decimal,
 so Redis' lexicographic tie order is the numeric order). Trimming to ``max_sequence_length``
@@ -80,6 +85,11 @@ def _accepted_ids(expected: str | None) -> bytes:
     return b"".join(source_version_id(v).to_bytes(8, "little") for v in versions)
 
 
+def user_tag(user_id: str) -> str:
+    """The user's Redis Cluster hash tag: never empty, one-to-one (see the module docstring)."""
+    return "\x00" + user_id if user_id[:1] in ("}", "\x00") else user_id
+
+
 @dataclass(frozen=True)
 class SkippedInstance:
     """A sequence member a history read examined and did not use (the history endpoint)."""
@@ -139,10 +149,10 @@ class _StoreBase:
     # ---- keys ------------------------------------------------------------------------------
 
     def sequence_key(self, user_id: str) -> str:
-        return f"{self.prefix}:seq:{{{user_id}}}"
+        return f"{self.prefix}:seq:{{{user_tag(user_id)}}}"
 
     def record_key_prefix(self, user_id: str) -> str:
-        return f"{self.prefix}:ins:{{{user_id}}}:"
+        return f"{self.prefix}:ins:{{{user_tag(user_id)}}}:"
 
     def record_key(self, user_id: str, ins_id: int) -> str:
         return self.record_key_prefix(user_id) + _member(int(ins_id))

@@ -12,11 +12,13 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from harness.two_trips import aread_history_two_trips, read_history_two_trips
 from storage.connection import connect_async
+from redis.crc import key_slot
+
 from storage.instance_store import AsyncInstanceStore, InstanceStore
 from storage.records import InstanceRecord
 
@@ -73,6 +75,7 @@ instance_lists = st.lists(
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(user=user_ids, instances=instance_lists, before=st.integers(0, 70), limit=st.integers(0, 45),
        redelivered=st.integers(0, 40))
+@example(user="}", instances=[(1, 5), (2, 6)], before=70, limit=45, redelivered=2)  # empty tag (CI found it)
 def test_fused_read_property(backend, user, instances, before, limit, redelivered):
     client, _ = backend
     store = InstanceStore(client, prefix=f"p{next(_prefixes)}", dim=DIM, tasks=TASKS, max_sequence_length=1000)
@@ -89,6 +92,17 @@ def test_fused_read_property(backend, user, instances, before, limit, redelivere
     [mine, nobody] = store.read_histories([user, other], [before, before], limit)
     check_history(mine, instances, before, limit, user)
     assert len(nobody) == 0 and nobody.embeddings.shape == (0, DIM)
+
+
+@pytest.mark.parametrize("user", ["}", "}x", "{}", "a}b", "{", "\x00}", "\x00", "u"])
+def test_a_users_keys_share_one_slot_whatever_braces_the_id_holds(user):
+    """Redis ignores an empty tag ("{}...") and hashes the whole key; the store's tag is never empty."""
+    store = InstanceStore(None, prefix="iat", dim=DIM, tasks=TASKS)
+    slots = {key_slot(store.sequence_key(user).encode()), key_slot(store.record_key(user, 1).encode()),
+             key_slot(store.record_key(user, 2**64 - 1).encode())}
+    assert len(slots) == 1
+    others = {"}", "}x", "{}", "a}b", "{", "\x00}", "\x00", "u", "\x00\x00}"} - {user}
+    assert store.sequence_key(user) not in {store.sequence_key(o) for o in others}  # one-to-one
 
 
 def test_strictly_before_excludes_the_request_instance(backend):
