@@ -34,7 +34,8 @@ def test_source_consumes_raw_instances_from_a_stream(movielens_models, tmp_path,
         start_service(["serve", "sequencer"], env=env)
         source = start_service(["serve", "source"], env=env)
         stream = InstanceStream(client)
-        deadline = time.monotonic() + 120
+        # Generous: on a loaded 2-core machine the source alone may take minutes to load its models.
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             pending = client.xpending(RAW, "source")["pending"] if client.exists(RAW) else 1
             groups = client.xinfo_groups(RAW)
