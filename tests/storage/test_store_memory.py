@@ -119,3 +119,16 @@ def test_records_equal_members_over_random_interleavings(backend, lmax, steps):
         assert keys(backend, prefix) == sequence | {store.record_key("u", i) for i in want}
     history = store.read_history("u", 10**9, lmax)
     assert set(history.ins_ids.tolist()) == newest(seen, lmax) and history.missing == 0
+
+
+def test_memory_harness_counts_only_servable_records(redis_client):
+    from harness.store_memory import bytes_per_record, measure
+
+    rows = measure(redis_client, users=3, per_user=40, lmax=8, dim=DIM, codecs=("fp32", "int8"))
+    for row in rows:
+        assert (row["keys"], row["records"], row["servable"]) == (3 * 9, 3 * 8, 3 * 8)
+        # Redis' overhead (key, TTL, sequence member) comes on top of the record's bytes.
+        assert row["bytes_per_servable"] > row["record_value_bytes"]
+    assert rows[0]["bytes_per_servable"] > rows[1]["bytes_per_servable"]  # fp32 > int8
+    assert bytes_per_record(redis_client, "fp16", lmax=8, dim=DIM, sample_users=2) > 48
+    assert redis_client.dbsize() == 0
