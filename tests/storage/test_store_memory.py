@@ -7,6 +7,9 @@ come in. A trimmed member's record leaves with it, in the same script call.
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -132,3 +135,51 @@ def test_memory_harness_counts_only_servable_records(redis_client):
     assert rows[0]["bytes_per_servable"] > rows[1]["bytes_per_servable"]  # fp32 > int8
     assert bytes_per_record(redis_client, "fp16", lmax=8, dim=DIM, sample_users=2) > 48
     assert redis_client.dbsize() == 0
+
+
+# ---- iat storage-cost: the serving store's size beside Eq. 12's ---------------------------------
+
+def _storage_cost(capsys, *extra) -> dict:
+    from cli import main
+
+    assert main(["storage-cost", "--instances-per-day", "1000", "--days", "30", "--dim", "64", "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_storage_cost_serving_estimate_without_measuring(capsys):
+    from cli.storage_cost import OVERHEAD_LISTPACK, OVERHEAD_SKIPLIST
+
+    out = _storage_cost(capsys, "--users", "10", "--lmax", "64", "--no-measure")
+    assert out["bytes"] == 30_000 * 256  # Eq. 12 unchanged
+    serving = out["serving"]
+    assert (serving["records"], serving["measured"], set(serving["codecs"])) == (640, False, {"fp32", "fp16", "int8"})
+    assert serving["codecs"]["fp32"]["bytes"] == 640 * (48 + 256 + OVERHEAD_LISTPACK)
+    assert serving["codecs"]["int8"]["bytes"] == 640 * (48 + 68 + OVERHEAD_LISTPACK)
+    long = _storage_cost(capsys, "--users", "10", "--lmax", "1024", "--no-measure")["serving"]
+    assert long["codecs"]["fp16"]["bytes"] == 10 * 1024 * (48 + 128 + OVERHEAD_SKIPLIST)
+    assert "serving" not in _storage_cost(capsys)  # without --users: Eq. 12 alone, as before
+
+
+@pytest.mark.parametrize("lmax", [64, 1024])
+def test_storage_cost_measures_in_redis_and_the_estimate_stays_close(capsys, lmax):
+    measured = _storage_cost(capsys, "--users", "1000", "--lmax", str(lmax))["serving"]
+    estimated = _storage_cost(capsys, "--users", "1000", "--lmax", str(lmax), "--no-measure")["serving"]
+    assert measured["measured"] and measured["redis_version"]
+    per_record = {c: measured["codecs"][c]["bytes_per_record"] for c in ("fp32", "fp16", "int8")}
+    assert per_record["fp32"] > per_record["fp16"] > per_record["int8"] > 48 + 68  # Redis overhead on top
+    for codec, value in per_record.items():
+        assert abs(measured["codecs"][codec]["bytes"] - 1000 * lmax * value) <= 1000 * lmax * 0.05  # value: 0.1 B
+        assert abs(estimated["codecs"][codec]["bytes_per_record"] - value) <= 0.15 * value, codec
+
+
+def test_storage_cost_imports_no_torch_and_rejects_bad_users():
+    code = ("import sys; from cli import main; "
+            "rc = main(['storage-cost', '--instances-per-day', '5', '--days', '1', '--dim', '8', '--users', '3', '--lmax', '8']); "
+            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "serving store" in proc.stdout and "measured in redis" in proc.stdout
+    proc = subprocess.run([sys.executable, "-c", "import sys; from cli import main; sys.exit(main())", "storage-cost",
+                           "--instances-per-day", "5", "--days", "1", "--dim", "8", "--users", "0"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert proc.returncode == 2 and "--users must be a positive integer" in proc.stderr
