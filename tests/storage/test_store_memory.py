@@ -176,10 +176,10 @@ def test_storage_cost_imports_no_torch_and_rejects_bad_users():
     code = ("import sys; from cli import main; "
             "rc = main(['storage-cost', '--instances-per-day', '5', '--days', '1', '--dim', '8', '--users', '3', '--lmax', '8']); "
             "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "serving store" in proc.stdout and "measured in redis" in proc.stdout
     proc = subprocess.run([sys.executable, "-c", "import sys; from cli import main; sys.exit(main())", "storage-cost",
                            "--instances-per-day", "5", "--days", "1", "--dim", "8", "--users", "0"],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+                          check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert proc.returncode == 2 and "--users must be a positive integer" in proc.stderr
