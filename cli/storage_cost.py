@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         serving = result["serving"]
         how = (f"measured in redis {serving['redis_version']}" if serving["measured"]
                else "estimated (--no-measure)")
-        print(f"serving store (Redis holds each user's newest Lmax only): {serving['users']:,} users x Lmax "
+        print(f"serving store, at most (Redis holds each user's newest Lmax only): {serving['users']:,} users x Lmax "
               f"{serving['lmax']:,} = {serving['records']:,} records, bytes per record {how}, Redis overhead included:")
         for codec, row in serving["codecs"].items():
             print(f"  {codec:<5} {row['bytes_per_record']:>8.1f} B/record = {row['bytes']:,} bytes ({row['human']})")
