@@ -22,6 +22,23 @@ same source-model version is kept, never recomputed; ZADD of a member already pr
 entry. So at-least-once delivery and client retries give exactly one entry and the first record.
 The sequence's TTL only grows (it outlives the records it names).
 
+Memory follows what is servable: the same script deletes the record of every member its trim
+removes, so a user holds at most Lmax records and one sequence: records of the user == members
+of the sequence (tests/storage/test_store_memory.py). An instance older than the newest Lmax
+(out-of-order arrival, or a re-delivery after its trim) is added and trimmed again in that call
+and its record is never written (``write_and_append`` counts it neither written nor kept): no
+history read could return it. Members without a record arise only from an expired TTL or a
+sequence-only append of an instance never stored; the history read removes them. ``write_records``
+alone (tools and tests) writes records outside any sequence and so outside this invariant.
+
+Full history is not kept here. Offline training and backfill (a new source model recomputing
+InsEmbs) need every instance with its features, servable or not: they read the instance log
+upstream of Redis (the raw instances as POSTed or put on ``IAT_RAW_STREAM``, archived by the
+system that produces them, e.g. a Kafka topic or files in object storage), never this store.
+The instance stream (storage/stream.py) is no archive either: it carries ids, timestamps and
+labels only, and entries leave it once acknowledged. Redis holds what a history read can return;
+its size is users x Lmax x bytes per record (``iat storage-cost --users U``, measured per codec).
+
 Reads (``read_history``, storage/read_history.lua), ONE round trip: the newest at most L *usable*
 instances strictly before T. Usable = record present, and written by a source-model version that
 ``compatible_source_versions`` accepts for the reader. Members that are not usable are skipped
@@ -172,14 +189,15 @@ class _StoreBase:
 
     def _write_calls(self, groups: dict[str, dict[str, int]], values: dict[str, dict[str, bytes]],
                      keep_stored: bool = False) -> list[tuple]:
-        """One write_instances.lua call per user: (numkeys, keys..., ttl, lmax, keep, triples...)."""
+        """One write_instances.lua call per user: (numkeys, keys..., ttl, lmax, keep, record key
+        prefix, triples...)."""
         calls = []
         ttl = self.retention_ms or 0
         for user_id, members in groups.items():
             user_values = values.get(user_id, {})
             prefix = self.record_key_prefix(user_id)
             keys = [self.sequence_key(user_id)] + [prefix + m for m in members if m in user_values]
-            args: list = [ttl, self.max_sequence_length, "1" if keep_stored else "0"]
+            args: list = [ttl, self.max_sequence_length, "1" if keep_stored else "0", prefix]
             for member, timestamp_ms in members.items():
                 args += [member, timestamp_ms, user_values.get(member, b"")]
             calls.append((len(keys), *keys, *args))

@@ -6,9 +6,18 @@
 -- ARGV[1]     TTL in ms of records and of the sequence; "0": none
 -- ARGV[2]     Lmax: the sequence keeps its newest Lmax members
 -- ARGV[3]     "1": keep a record that the same source-model version stored already; "0": replace
--- ARGV[4..]   per instance: member, score (timestamp ms), record value ("" = sequence only:
+-- ARGV[4]     record key prefix "<prefix>:ins:{<uid>}:" (same hash tag as KEYS[1]): the records
+--             of members that the trim removes are deleted through it
+-- ARGV[5..]   per instance: member, score (timestamp ms), record value ("" = sequence only:
 --             the sequencer re-appending what the source stored, or a test)
--- Reply: {records written, records kept because the same source version had stored them}.
+-- Reply: {records written, records kept because the same source version had stored them,
+--         records not stored because their member was trimmed in this same call}.
+--
+-- Memory follows what is servable: a member that leaves the sequence (the oldest beyond Lmax)
+-- takes its record with it, in this call, so a user holds at most Lmax records + 1 sequence.
+-- An instance that arrives after Lmax newer ones (out of order, or re-delivered after its trim)
+-- is added and trimmed again here, and its record is never written: no read could return it.
+-- Full history (offline training, backfill) lives in the stream's archive, not here.
 --
 -- Ingest keeps (ARGV[3] = "1"): an InsEmb is computed once, so a record of the same source-model
 -- version (bytes 32..39 of the header) stored already stays as it is (a retried request), because
@@ -20,35 +29,61 @@ local seq = KEYS[1]
 local ttl = tonumber(ARGV[1])
 local lmax = tonumber(ARGV[2])
 local keep_same_version = ARGV[3] == '1'
+local prefix = ARGV[4]
+local first_triple = 5
 local seq_ttl = redis.call('PTTL', seq)
-local written, kept = 0, 0
-local pairs_ = {}
-local record = 1
-for a = 4, #ARGV, 3 do
-  local member, score, value = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  if value ~= '' then
-    record = record + 1
-    local old = keep_same_version and redis.call('GET', KEYS[record])
-    if old and string.sub(old, 33, 40) == string.sub(value, 33, 40) then
-      kept = kept + 1
-    else
-      if ttl > 0 then
-        redis.call('SET', KEYS[record], value, 'PX', ttl)
-      else
-        redis.call('SET', KEYS[record], value)
-      end
-      written = written + 1
-    end
-  end
-  pairs_[#pairs_ + 1] = score
-  pairs_[#pairs_ + 1] = member
-end
 local chunk = 1000 -- unpack() of very long argument lists overflows Lua's C stack
+
+-- Membership first, so that the trim below sees this call's instances among the others.
+local pairs_ = {}
+for a = first_triple, #ARGV, 3 do
+  pairs_[#pairs_ + 1] = ARGV[a + 1]
+  pairs_[#pairs_ + 1] = ARGV[a]
+end
 for first = 1, #pairs_, chunk do
   redis.call('ZADD', seq, unpack(pairs_, first, math.min(first + chunk - 1, #pairs_)))
 end
-redis.call('ZREMRANGEBYRANK', seq, 0, -(lmax + 1))
+
+-- The trim: ZPOPMIN removes the lowest (score, member) first, the order ZREMRANGEBYRANK used,
+-- and names what left, so their records go too.
+local gone = {}
+local over = redis.call('ZCARD', seq) - lmax
+if over > 0 then
+  local popped = redis.call('ZPOPMIN', seq, over)
+  local keys = {}
+  for i = 1, #popped, 2 do
+    gone[popped[i]] = true
+    keys[#keys + 1] = prefix .. popped[i]
+  end
+  for first = 1, #keys, chunk do
+    redis.call('DEL', unpack(keys, first, math.min(first + chunk - 1, #keys)))
+  end
+end
+
+local written, kept, dropped = 0, 0, 0
+local record = 1
+for a = first_triple, #ARGV, 3 do
+  local member, value = ARGV[a], ARGV[a + 2]
+  if value ~= '' then
+    record = record + 1
+    if gone[member] then
+      dropped = dropped + 1
+    else
+      local old = keep_same_version and redis.call('GET', KEYS[record])
+      if old and string.sub(old, 33, 40) == string.sub(value, 33, 40) then
+        kept = kept + 1
+      else
+        if ttl > 0 then
+          redis.call('SET', KEYS[record], value, 'PX', ttl)
+        else
+          redis.call('SET', KEYS[record], value)
+        end
+        written = written + 1
+      end
+    end
+  end
+end
 if ttl > 0 and (seq_ttl == -2 or (seq_ttl >= 0 and seq_ttl < ttl)) then
   redis.call('PEXPIRE', seq, ttl)
 end
-return {written, kept}
+return {written, kept, dropped}
