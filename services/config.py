@@ -114,7 +114,7 @@ class Settings(BaseSettings):
         return value.strip()
 
     @model_validator(mode="after")
-    def _owned_partitions_exist(self) -> "Settings":
+    def _owned_partitions_exist(self) -> Settings:
         parse_partitions(self.sequencer_partitions, self.stream_partitions)  # ValueError naming the setting
         return self
 

@@ -15,6 +15,7 @@ import pytest
 from models.data.raw import raw_instances
 from models.data.schema import load_schema
 from models.runtime.hashing import ins_id
+from storage.connection import EmbeddedRedis, connect
 from storage.instance_store import InstanceStore
 from storage.stream import PartitionedStream, partition_of
 from tests.services.test_sequencer import LMAX, _assert_sequences, _events
@@ -149,3 +150,38 @@ def test_sequencer_killed_and_restarted_on_its_partitions_loses_nothing(redis_se
     for p in range(partitions):
         owner = "even" if p % 2 == 0 else "odd"
         assert all(name.startswith(owner + "-") for name in _consumers(redis_client, stream, p)), p
+
+
+def test_ingest_on_one_server_writes_every_partition_or_none(movielens_models, tmp_path, start_service):
+    """One MULTI/EXEC holds the records' scripts and the XADDs to every partition a batch
+    touches: a store failure (OOM here) leaves none of them; the retry writes each partition."""
+    partitions = 4
+    server = EmbeddedRedis(directory=tmp_path / "redis").start()
+    client = connect(server.url, cluster=False)
+    try:
+        source = start_service(["serve", "source"], env={
+            "REDIS_URL": server.url, "IAT_MODEL_DIR": str(movielens_models.model_dir),
+            "IAT_STREAM_PARTITIONS": str(partitions)})
+        batch = _few_per_user(raw_instances(load_schema("movielens-100k"), movielens_models.data_dir)[:5000],
+                              per_user=5, total=200)
+        stream = PartitionedStream(client, partitions=partitions)
+        touched = {partition_of(i["user_id"], partitions) for i in batch}
+        assert touched == set(range(partitions))
+        records = lambda: sum(1 for _ in client.scan_iter(match="iat:ins:*", count=5000))
+
+        client.config_set("maxmemory-policy", "noeviction")
+        # Room for a part of the batch only: written outside one transaction, the first
+        # partitions' entries and records would fit and the rest be refused.
+        client.config_set("maxmemory", client.info("memory")["used_memory"] + 32 * 1024)
+        response = httpx.post(source.base_url + "/v1/instances", json={"instances": batch}, timeout=120)
+        assert response.status_code == 503, response.text
+        assert stream.lengths() == {p: 0 for p in range(partitions)} and records() == 0
+
+        client.config_set("maxmemory", 0)
+        response = httpx.post(source.base_url + "/v1/instances", json={"instances": batch}, timeout=120)
+        assert response.status_code == 200, response.text
+        expected = {p: sum(1 for i in batch if partition_of(i["user_id"], partitions) == p) for p in range(partitions)}
+        assert stream.lengths() == expected and records() == len(batch)
+    finally:
+        client.close()
+        server.stop()
