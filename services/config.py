@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,6 +30,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("IAT_STREAM_MAX_BACKLOG", "IAT_STREAM_MAXLEN"),
         description="instance-stream entries at which ingest answers 503 (backpressure)",
     )
+    # Partitions of the instance stream by user (storage/stream.py); 1 keeps the one stream key
+    # of earlier releases. The backlog bound above applies to each partition.
+    stream_partitions: int = Field(default=1, ge=1, le=1024, description="instance-stream partitions (by user id)")
     stream_trim_interval_s: float = Field(default=1.0, gt=0, description="sequencer: XTRIM MINID behind the groups this often")
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After of the 503s of store errors and backpressure")
     # An evicting maxmemory-policy deletes records and whole sequences silently (every key of
@@ -71,6 +74,10 @@ class Settings(BaseSettings):
     sequencer_batch_size: int = Field(default=512, gt=0)
     claim_idle_ms: int = Field(default=30_000, ge=0, description="pending this long: consumer presumed dead")
     consumer_name: str | None = None
+    sequencer_partitions: str = Field(
+        default="all",
+        description='stream partitions this sequencer reads: "all", a list "0,2,5", or "k/n" '
+                    "(every partition p with p % n == k)")
 
     # Background workers (sequencer consumers, the source's raw-stream consumer): a failed pass
     # is retried after base * 2**failures seconds, at most cap; /healthz fails when one is dead,
@@ -100,6 +107,22 @@ class Settings(BaseSettings):
     loadtest_candidates: str = Field(default="100,500", pattern=r"^\d+,\d+$", description="Locust: candidates per Score, lo,hi")
     loadtest_ingest_batch: int = Field(default=16, gt=0)
 
+    @field_validator("sequencer_partitions")
+    @classmethod
+    def _partition_spec(cls, value: str) -> str:
+        parse_partitions(value, None)  # the syntax; the range is checked against stream_partitions below
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _owned_partitions_exist(self) -> Settings:
+        parse_partitions(self.sequencer_partitions, self.stream_partitions)  # ValueError naming the setting
+        return self
+
+    @property
+    def owned_partitions(self) -> list[int]:
+        """The stream partitions this sequencer reads, in order."""
+        return parse_partitions(self.sequencer_partitions, self.stream_partitions)
+
     @property
     def movielens_dir(self) -> Path:
         return self.data_dir / "movielens-100k"
@@ -108,6 +131,36 @@ class Settings(BaseSettings):
     def token(self) -> str | None:
         """The bearer token in clear, or None when access is open (an empty value is no token)."""
         return (self.api_token.get_secret_value() or None) if self.api_token is not None else None
+
+
+def parse_partitions(spec: str, partitions: int | None) -> list[int]:
+    """``"all"``, ``"0,2,5"`` or ``"k/n"`` -> the partitions of ``range(partitions)`` it names.
+    ``partitions`` None: check the syntax only (and return the listed ones, if any)."""
+    field = "IAT_SEQUENCER_PARTITIONS"
+    text = spec.strip().lower()
+    if text == "all":
+        return list(range(partitions or 0))
+    try:
+        if "/" in text:
+            k, n = (int(x) for x in text.split("/"))
+            if not 0 <= k < n:
+                raise ValueError
+            chosen = [] if partitions is None else [p for p in range(partitions) if p % n == k]
+        else:
+            chosen = sorted({int(x) for x in text.split(",")})
+            if any(p < 0 for p in chosen):
+                raise ValueError
+    except ValueError:
+        raise ValueError(f'{field}: expected "all", partition numbers like "0,2" or "k/n" with 0 <= k < n, '
+                         f"got {spec!r}") from None
+    if partitions is None:
+        return chosen
+    outside = [p for p in chosen if p >= partitions]
+    if outside:
+        raise ValueError(f"{field}: partitions {outside} do not exist, IAT_STREAM_PARTITIONS is {partitions}")
+    if not chosen:
+        raise ValueError(f"{field}: {spec!r} names no partition of the {partitions} (IAT_STREAM_PARTITIONS)")
+    return chosen
 
 
 @lru_cache(maxsize=1)

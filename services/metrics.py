@@ -79,14 +79,19 @@ SEQUENCER_APPENDED = Counter(
 SEQUENCER_REDELIVERIES = Counter(
     "iat_sequencer_redeliveries_total", "Pending entries claimed again from a dead consumer",
 )
+# Per stream partition (IAT_STREAM_PARTITIONS; "0" only when unpartitioned), exported by the
+# sequencer that owns the partition: sum() over partitions for the whole stream, max() for the
+# partition furthest behind.
 STREAM_LAG = Gauge(
-    "iat_stream_lag", "Entries in the stream not yet delivered to the consumer group",
+    "iat_stream_lag", "Entries in a stream partition not yet delivered to its consumer group", ["partition"],
 )
 STREAM_LENGTH = Gauge(
-    "iat_stream_length", "Entries in the instance stream (what the backlog bound applies to)",
+    "iat_stream_length", "Entries in a partition of the instance stream (what the backlog bound applies to)",
+    ["partition"],
 )
 STREAM_PENDING = Gauge(
-    "iat_stream_pending", "Entries delivered to the consumer group and not yet acknowledged",
+    "iat_stream_pending", "Entries of a stream partition delivered to its consumer group and not yet acknowledged",
+    ["partition"],
 )
 STREAM_TRIMMED = Counter(
     "iat_stream_trimmed_total", "Acknowledged entries removed from the stream (XTRIM MINID behind the groups)",

@@ -9,7 +9,7 @@ from services import metrics
 from services.config import Settings
 from storage.connection import connect, connect_async
 from storage.instance_store import AsyncInstanceStore, InstanceStore
-from storage.stream import InstanceStream
+from storage.stream import PartitionedStream
 
 
 def _client_options(settings: Settings) -> dict:
@@ -44,7 +44,9 @@ def async_instance_store(client, settings: Settings, layout: RecordLayout) -> As
     return AsyncInstanceStore(client, **_store_options(settings, layout))
 
 
-def instance_stream(client, settings: Settings) -> InstanceStream:
-    """The instance stream, bounded by its backlog (503 past it), never trimmed past its groups."""
-    return InstanceStream(client, prefix=settings.key_prefix, max_backlog=settings.stream_max_backlog,
-                          on_dropped=lambda reason, n: metrics.STREAM_DROPPED.labels(reason).inc(n))
+def instance_stream(client, settings: Settings) -> PartitionedStream:
+    """The instance stream in its ``IAT_STREAM_PARTITIONS`` partitions by user, each bounded by
+    its backlog (503 past it) and never trimmed past its groups."""
+    return PartitionedStream(client, partitions=settings.stream_partitions, prefix=settings.key_prefix,
+                             max_backlog=settings.stream_max_backlog,
+                             on_dropped=lambda reason, n: metrics.STREAM_DROPPED.labels(reason).inc(n))

@@ -18,7 +18,28 @@ An entry deleted while still pending (trimmed by some other writer, e.g. a sourc
 release still using MAXLEN) can no longer be sequenced: it is acked, counted in
 ``deleted_pending`` and logged, never left pending for ever.
 
-On a cluster the stream is one key, so it lives on one shard (its hash tag is the stream name).
+Partitions (:class:`PartitionedStream`, ``IAT_STREAM_PARTITIONS``): the stream is N streams,
+one per partition, and a user's instances all go to partition ``stable_hash64(user_id) % N``
+(contract/ids.py: the same in every process, unlike Python's ``hash``), so one user's entries
+keep their order inside one partition. Each partition is its own key with its own hash tag,
+``{prefix}:stream:{name:<p>}``, so on a cluster the partitions spread over the slots and shards;
+partition 0 keeps the single stream's key ``{prefix}:stream:{name}``, so N = 1 is exactly the
+stream as it was, and a deployment that grows from 1 to N partitions keeps its entries (the
+owner of partition 0 reads them). Shrinking N, or changing N > 1, leaves the entries of
+partitions no longer read behind: drain the stream first (source stopped, backlog 0).
+
+Each partition has its own consumer group (a group belongs to a key) and everything above holds
+per partition: the backlog bound (a lagging partition refuses only the batches that touch it),
+the trim behind the group, the metrics. Consumers own partitions by configuration; two
+processes that read the same partition are two consumers of the same group, so each entry is
+still delivered to one of them only (and the sequence writes are idempotent anyway).
+
+Writes: on one server a batch's XADDs to all its partitions can sit in ONE MULTI/EXEC (with the
+records' scripts, services/source/ingest.py). On a cluster a transaction holds one slot, so
+the XADDs go out as one pipeline split per node: ordered (each partition receives its entries
+in the batch's order, before the records are written), not atomic across partitions; a failure
+part way leaves some partitions with the batch's entries and others without, and the client's
+retry publishes the batch again (duplicates are harmless: sequence writes are idempotent).
 """
 from __future__ import annotations
 
@@ -29,6 +50,7 @@ from dataclasses import dataclass, field
 import redis
 import redis.exceptions
 
+from contract.ids import stable_hash64
 from storage.records import (
     InvalidRecord,
     validate_ins_id,
@@ -43,14 +65,29 @@ COUNT_AFTER_LUA = "return #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', 
 
 
 class StreamBacklogFull(Exception):
-    """The stream holds ``max_backlog`` entries or more: the consumers are behind, retry later."""
+    """The stream (a partition of it) holds ``max_backlog`` entries or more: the consumers are
+    behind, retry later."""
 
-    def __init__(self, length: int, max_backlog: int) -> None:
+    def __init__(self, length: int, max_backlog: int, partition: int | None = None) -> None:
+        where = "the instance stream" if partition is None else f"partition {partition} of the instance stream"
         super().__init__(
-            f"the instance stream holds {length} entries, its bound is {max_backlog}: "
+            f"{where} holds {length} entries, its bound is {max_backlog}: "
             "the sequencer is behind or stopped; retry later")
         self.length = length
         self.max_backlog = max_backlog
+        self.partition = partition
+
+
+def partition_of(user_id: str, partitions: int) -> int:
+    """The partition of a user's instances: a stable hash of the user id, mod ``partitions``."""
+    return stable_hash64(user_id) % partitions
+
+
+def partition_key(prefix: str, name: str, partition: int) -> str:
+    """Partition 0 is the unpartitioned stream's key (see the module docstring); each other
+    partition has a hash tag of its own."""
+    tag = name if partition == 0 else f"{name}:{partition}"
+    return f"{prefix}:stream:{{{tag}}}"
 
 
 @dataclass
@@ -168,11 +205,15 @@ class InstanceStream:
         group: str = "sequencer",
         max_backlog: int = 1_000_000,
         on_dropped: Callable[[str, int], None] | None = None,
+        partition: int = 0,
     ) -> None:
         if max_backlog < 1:
             raise ValueError(f"max_backlog: must be >= 1, got {max_backlog}")
+        if partition < 0:
+            raise ValueError(f"partition: must be >= 0, got {partition}")
         self.client = client
-        self.key = f"{prefix}:stream:{{{name}}}"
+        self.partition = partition
+        self.key = partition_key(prefix, name, partition)
         self.group = group
         self.max_backlog = int(max_backlog)
         self.malformed = 0  # entries acked and dropped because they could not be parsed
@@ -210,7 +251,7 @@ class InstanceStream:
         """
         length = self.length()
         if length >= self.max_backlog:
-            raise StreamBacklogFull(length, self.max_backlog)
+            raise StreamBacklogFull(length, self.max_backlog, self.partition or None)
         return length
 
     def ensure_group(self, start_id: str = "0") -> bool:
@@ -381,3 +422,96 @@ class InstanceStream:
             if self.on_dropped:
                 self.on_dropped("malformed", len(bad))
         return events
+
+
+class PartitionedStream:
+    """The instance stream as ``partitions`` streams by user (see the module docstring).
+
+    Writers publish through it (each event to its user's partition); a consumer reads the
+    partitions it owns, each an :class:`InstanceStream` of its own (``partitions[p]``).
+    """
+
+    def __init__(
+        self,
+        client,
+        partitions: int = 1,
+        prefix: str = "iat",
+        name: str = "instances",
+        group: str = "sequencer",
+        max_backlog: int = 1_000_000,
+        on_dropped: Callable[[str, int], None] | None = None,
+    ) -> None:
+        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+            raise ValueError(f"partitions: must be an int >= 1, got {partitions!r}")
+        self.client = client
+        self.max_backlog = int(max_backlog)
+        self.partitions = [
+            InstanceStream(client, prefix=prefix, name=name, group=group, max_backlog=max_backlog,
+                           on_dropped=on_dropped, partition=p)
+            for p in range(partitions)
+        ]
+
+    @property
+    def count(self) -> int:
+        return len(self.partitions)
+
+    @property
+    def key(self) -> str:
+        """The stream's one key; only an unpartitioned stream has one."""
+        if self.count != 1:
+            raise ValueError(f"a stream of {self.count} partitions has no single key: use partitions[p].key")
+        return self.partitions[0].key
+
+    def partition_of(self, user_id: str) -> int:
+        return partition_of(user_id, self.count)
+
+    def publish(self, events: Sequence, pipe=None) -> list[str]:
+        """XADD each event to its user's partition, all validated first; entry ids in input order.
+
+        With ``pipe`` the XADDs are only queued on it (one MULTI/EXEC on one server holds every
+        partition's) and ``[]`` is returned: the caller executes the pipeline.
+        """
+        payloads = [_fields(event, i) for i, event in enumerate(events)]
+        if not payloads:
+            return []
+        own = pipe is None
+        if own:
+            pipe = self.client.pipeline(transaction=False)
+        for payload in payloads:
+            pipe.xadd(self.partitions[self.partition_of(payload["user_id"])].key, payload)
+        if not own:
+            return []
+        return [_text(i) for i in pipe.execute()]
+
+    def lengths(self, partitions: Iterable[int] | None = None) -> dict[int, int]:
+        """Entries per partition (all, or those named), in one pipeline."""
+        chosen = sorted(set(range(self.count) if partitions is None else partitions))
+        pipe = self.client.pipeline(transaction=False)
+        for p in chosen:
+            pipe.xlen(self.partitions[p].key)
+        return {p: int(n) for p, n in zip(chosen, pipe.execute())}
+
+    def check_backlog(self, user_ids: Iterable[str] | None = None) -> dict[int, int]:
+        """Lengths of the partitions these users' instances go to (all partitions when None);
+        raises :class:`StreamBacklogFull` when one of them holds ``max_backlog`` entries or more.
+        A soft bound, as :meth:`InstanceStream.check_backlog`."""
+        touched = None if user_ids is None else {self.partition_of(u) for u in user_ids}
+        lengths = self.lengths(touched)
+        for p, length in lengths.items():
+            if length >= self.max_backlog:
+                raise StreamBacklogFull(length, self.max_backlog, p if self.count > 1 else None)
+        return lengths
+
+    def ensure_group(self, start_id: str = "0") -> bool:
+        """Every partition's consumer group (and stream); True when one was created."""
+        created = [part.ensure_group(start_id) for part in self.partitions]
+        return any(created)
+
+    def length(self) -> int:
+        return sum(self.lengths().values())
+
+    def pending_count(self) -> int:
+        return sum(part.pending_count() for part in self.partitions)
+
+    def lag(self, cap: int = 10_000) -> int:
+        return sum(part.lag(cap) for part in self.partitions)

@@ -13,13 +13,14 @@ it; a retried instance keeps the record first stored for it (same source-model v
 So replaying the same instances in the same order gives byte-identical records.
 
 Writes: a batch is refused whole (``StreamBacklogFull``, a 503) before any work when the
-stream's backlog has reached its bound. On one server the per-user record + sequence scripts and
-the stream entries are ONE MULTI/EXEC transaction: a store failure (connection lost, timeout,
-OOM) leaves all of them or none. On a cluster a transaction holds one slot only and the stream is
-one key, so the stream entries go first, then the per-user scripts: a failure in between leaves
-entries whose records are not stored, which the sequencer may add as members that no read uses
-(a record must be present) and the next read removes; the client's retry stores them. Every
-write is idempotent by InsID.
+backlog of a stream partition it touches has reached its bound. On one server the per-user
+record + sequence scripts and the stream entries (in every partition the batch touches) are ONE
+MULTI/EXEC transaction: a store failure (connection lost, timeout, OOM) leaves all of them or
+none. On a cluster a transaction holds one slot only and each partition is a key of its own, so
+the stream entries go first (per partition, in the batch's order), then the per-user scripts: a
+failure in between leaves entries whose records are not stored, which the sequencer may add as
+members that no read uses (a record must be present) and the next read removes; the client's
+retry stores them. Every write is idempotent by InsID.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from models.runtime.loader import SourceModel
 from services.source.protocol import Instance
 from storage.instance_store import InstanceStore
 from storage.records import InstanceRecord
-from storage.stream import InstanceStream
+from storage.stream import PartitionedStream
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class IngestTimings:
 
 
 class Ingestor:
-    def __init__(self, model: SourceModel, store: InstanceStore, stream: InstanceStream) -> None:
+    def __init__(self, model: SourceModel, store: InstanceStore, stream: PartitionedStream) -> None:
         self.model = model
         self.store = store
         self.stream = stream
@@ -115,7 +116,8 @@ class Ingestor:
 
     def ingest(self, instances: list[Instance]) -> list[int]:
         """Embed, store and publish a batch; returns the InsIDs in input order."""
-        self.stream.check_backlog()  # raises StreamBacklogFull: nothing is computed or written
+        # raises StreamBacklogFull: nothing is computed or written
+        self.stream.check_backlog(i.user_id for i in instances)
         t0 = time.perf_counter()
         ids = [make_ins_id(i.request_id, i.item_id, i.timestamp_ms) for i in instances]
         cat, multi, num = self.featurize(instances)
