@@ -12,7 +12,10 @@ A record is a fixed 48-byte little-endian header followed by the payload:
   8      8     InsID (uint64)
   16     8     timestamp, ms since the epoch (int64, >= 0)
   24     8     hashed item id (int64; an unsigned hash is stored as its two's complement)
-  32     8     source-model version id: first 8 bytes of blake2b(version string), uint64
+  32     8     source-model version id (uint64), either
+                 lineage id (4 bytes: first 4 of blake2b(lineage name)) + ordinal (uint32), both
+                 little-endian: a source model with a lineage (contract/lineage.py), or
+                 first 8 bytes of blake2b(version string): a source model without one
   40     4     label-known bits: bit i set when task i has a label
   44     4     label bits: bit i = label of task i (0/1)
   48     ...   embedding payload (codec), then m codes (uint8 or uint16)
@@ -32,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from contract.history import History
+from contract.lineage import check_lineage, check_ordinal
 from storage.codecs import Codec, CodecError
 
 FORMAT_VERSION = 1
@@ -77,6 +81,26 @@ def source_version_id(version: str) -> int:
     return int.from_bytes(hashlib.blake2b(version.encode(), digest_size=8).digest(), "little")
 
 
+def lineage_id(lineage: str) -> int:
+    """Stable 32-bit id of a lineage name: the low half of a lineage-stamped version id."""
+    return int.from_bytes(hashlib.blake2b(lineage.encode(), digest_size=4).digest(), "little")
+
+
+def lineage_version_id(lineage: str, ordinal: int) -> int:
+    """The header's version id of ordinal ``ordinal`` of ``lineage``: bytes 32..35 the lineage
+    id, bytes 36..39 the ordinal, so a reader filters by two compares and needs no registry."""
+    return lineage_id(check_lineage(lineage)) | check_ordinal(ordinal) << 32
+
+
+def split_version_id(version_id) -> tuple:
+    """(lineage id, ordinal) of header version ids (ints or a uint64 array). A record of a source
+    model without lineage splits into a meaningless pair: another lineage to every reader."""
+    if isinstance(version_id, np.ndarray):
+        ids = version_id.astype(np.uint64)
+        return ids & np.uint64(0xFFFFFFFF), ids >> np.uint64(32)
+    return int(version_id) & 0xFFFFFFFF, int(version_id) >> 32
+
+
 @dataclass
 class InstanceRecord:
     ins_id: int
@@ -87,6 +111,10 @@ class InstanceRecord:
     labels: dict[str, int] = field(default_factory=dict)  # task -> 0/1
     item_hash: int = 0
     source_version: str = ""
+    # The writing source model's lineage and ordinal (contract/lineage.py); None: a source model
+    # without lineage, whose records carry the hash of ``source_version`` instead.
+    source_lineage: str | None = None
+    source_ordinal: int = 0
 
 
 def validate_user_id(user_id: object, index: int | None = None) -> str:
@@ -173,7 +201,7 @@ class RecordFormat:
             out["item_hash"][i] = self._item_hash(rec.item_hash, i)
             if not isinstance(rec.source_version, str):
                 raise InvalidRecord("source_version", f"must be a string, got {rec.source_version!r}", i)
-            out["source_version"][i] = source_version_id(rec.source_version)
+            out["source_version"][i] = self._source_id(rec, i)
             known = bits = 0
             if not isinstance(rec.labels, dict):
                 raise InvalidRecord("labels", f"must be a dict task -> 0/1, got {type(rec.labels).__name__}", i)
@@ -207,6 +235,16 @@ class RecordFormat:
         raw = out.tobytes()
         size = self.record_bytes
         return [raw[i * size:(i + 1) * size] for i in range(n)]
+
+    @staticmethod
+    def _source_id(rec: InstanceRecord, index: int) -> int:
+        if rec.source_lineage is None:
+            return source_version_id(rec.source_version)
+        try:
+            return lineage_version_id(rec.source_lineage, rec.source_ordinal)
+        except ValueError as exc:
+            name, message = str(exc).split(": ", 1)
+            raise InvalidRecord("source_" + name, message, index) from None
 
     @staticmethod
     def _item_hash(value: object, index: int) -> int:
