@@ -233,9 +233,11 @@ class _StoreBase:
 
     # ---- decoding --------------------------------------------------------------------------
 
-    def _history(self, reply: list) -> History:
+    def _history(self, reply: list, labels_as_of_ms: int | None = None) -> History:
+        """The script's reply decoded; a label that arrived at or after ``labels_as_of_ms`` (a read's
+        ``before_ms``: "a label that arrived after T is unknown at T") reads as unknown (-1)."""
         found, missing, mismatch, blob = reply[:4]
-        history = self.layout.decode(blob, int(found)) if found else self._empty()
+        history = self.layout.decode(blob, int(found), labels_as_of_ms) if found else self._empty()
         history.missing, history.version_mismatch = int(missing), int(mismatch)
         if len(reply) > 4:
             history.skipped = self._skipped(reply[4], history)
@@ -271,12 +273,12 @@ class _StoreBase:
         )
 
     def history_from_records(self, members: list[bytes], values: list[bytes | None],
-                             expected_version: Accepted = None) -> History:
+                             expected_version: Accepted = None, labels_as_of_ms: int | None = None) -> History:
         """A history from sequence members and their record values as MGET returns them (None:
         record gone), filtered by source version: how a two-round-trip read (harness/two_trips.py,
         the latency baseline of the fused read) decodes what it fetched."""
         found = [v for v in values if v is not None]
-        history = self._history([len(found), len(members) - len(found), 0, b"".join(found)])
+        history = self._history([len(found), len(members) - len(found), 0, b"".join(found)], labels_as_of_ms)
         expected = expected_version if expected_version is not None else self.source_version
         if expected is None or not len(history):
             return history
@@ -381,13 +383,14 @@ class InstanceStore(_StoreBase):
                      explain: bool = False) -> History:
         """Newest at most ``limit`` usable instances with timestamp < ``before_ms``: ONE round trip.
 
+        A label that arrived at or after ``before_ms`` reads as unknown (-1).
         ``expected_source_version`` (else the store's ``source_version``; None: any version; a
         ``SourceLineage``: that lineage from its oldest ordinal on) selects the records usable
         through ``compatible_source_versions``. ``explain``: also list what was
         skipped and why in ``History.skipped``.
         """
         args = self._read_args(user_id, before_ms, limit, expected_source_version, explain)
-        return self._history(self._evalsha(READ_HISTORY_LUA, args))
+        return self._history(self._evalsha(READ_HISTORY_LUA, args), before_ms)
 
     def _evalsha_pipelined(self, sha: str, calls: list[tuple]) -> list:
         """EVALSHA per call in pipelines; replies (or exceptions) in call order.
@@ -442,7 +445,7 @@ class InstanceStore(_StoreBase):
             return []
         replies = self._evalsha_many(READ_HISTORY_LUA, calls)
         self._raise_first_error(replies)
-        return [self._history(reply) for reply in replies]
+        return [self._history(reply, before_ms) for reply, before_ms in zip(replies, befores_ms)]
 
 
 class AsyncInstanceStore(_StoreBase):
@@ -468,7 +471,7 @@ class AsyncInstanceStore(_StoreBase):
     async def read_history(self, user_id: str, before_ms: int, limit: int, expected_source_version: Accepted = None,
                            explain: bool = False) -> History:
         args = self._read_args(user_id, before_ms, limit, expected_source_version, explain)
-        return self._history(await self._evalsha(READ_HISTORY_LUA, args))
+        return self._history(await self._evalsha(READ_HISTORY_LUA, args), before_ms)
 
     async def read_histories(
         self, user_ids: Sequence[str], befores_ms: Sequence[int], limit: int, expected_source_version: Accepted = None
