@@ -19,9 +19,9 @@ which therefore joins by (InsID, task) idempotently. The record keeps its TTL.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

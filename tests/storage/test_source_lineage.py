@@ -16,7 +16,12 @@ from contract.artifacts import ArtifactError, read_manifest
 from contract.lineage import SourceLineage
 from harness.two_trips import read_history_two_trips
 from storage.instance_store import VERSION_MISMATCH, InstanceStore, accepted_mask
-from storage.records import InstanceRecord, InvalidRecord, lineage_version_id, split_version_id
+from storage.records import (
+    InstanceRecord,
+    InvalidRecord,
+    lineage_version_id,
+    split_version_id,
+)
 
 _prefixes = itertools.count()
 USER = "u-lineage"
