@@ -4,7 +4,9 @@ Layout (DESIGN.md section 6/7)::
 
     MODEL_DIR/<name>/<version>/
         manifest.json   name, version, created, files {file: sha256}, schema (FeatureSpec json),
-                        embedding_dim, max_history, codec, tasks, source_version, inputs, outputs
+                        embedding_dim, max_history, codec, tasks, source_version, inputs, outputs;
+                        optional: lineage + ordinal (a source model), source_lineage +
+                        source_min_ordinal (a downstream; contract/lineage.py)
         model.pt        TorchScript
         model.pt2       AOTInductor package
         weights.pt      state dict of the serving module (eager runtime), torch.save
@@ -26,7 +28,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from contract.lineage import ORDINAL_MAX, SourceLineage
 
 MODEL_NAMES = ("iat", "sif", "source")
 MANIFEST = "manifest.json"
@@ -110,6 +114,27 @@ class Manifest(BaseModel):
     code_dtype: str = "uint8"
     codebook_size: int | None = None
     aoti_device: str | None = None
+    # Source lineage (contract/lineage.py, docs/source-versions.md); optional: artifacts exported
+    # before lineages have none, and a downstream without them reads its exact source_version.
+    lineage: str | None = Field(default=None, min_length=1)        # a source model's lineage
+    ordinal: int | None = Field(default=None, ge=0, le=ORDINAL_MAX)  # its place in the lineage
+    source_lineage: str | None = Field(default=None, min_length=1)  # the lineage a downstream reads
+    source_min_ordinal: int | None = Field(default=None, ge=0, le=ORDINAL_MAX)  # the oldest it accepts
+
+    @model_validator(mode="after")
+    def _lineage_pairs(self) -> "Manifest":
+        for name, ordinal in (("lineage", "ordinal"), ("source_lineage", "source_min_ordinal")):
+            if (getattr(self, name) is None) != (getattr(self, ordinal) is None):
+                missing = ordinal if getattr(self, ordinal) is None else name
+                raise ValueError(f"{missing} is required with {name if missing == ordinal else ordinal}")
+        return self
+
+    def accepted_sources(self) -> SourceLineage | str:
+        """What a downstream reads: its declared lineage from its oldest ordinal on, else (an
+        artifact without lineage fields) exactly the source version it names."""
+        if self.source_lineage is not None:
+            return SourceLineage(self.source_lineage, self.source_min_ordinal)
+        return self.source_version
 
     def get(self, key: str, default: Any = None) -> Any:
         """Dict-style read of any key, known or extra (``schema`` included)."""
@@ -146,7 +171,7 @@ def read_manifest(version_dir: str | Path) -> Manifest:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
+        key = ".".join(str(part) for part in first["loc"]) or "manifest"
         raise ArtifactError(f"{path}: key {key!r}: {first['msg']}") from None
 
 

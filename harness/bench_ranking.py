@@ -290,7 +290,8 @@ def seed_histories(model_dir: Path, redis_url: str, histories: list[int], settin
             embedding=rng.standard_normal(dim).astype(np.float32),
             codes=rng.integers(0, 2, code_length).astype(code_dtype) if code_length else None,
             labels={t: int(rng.integers(2)) for t in tasks}, item_hash=int(rng.integers(model.feature_spec.n_buckets)),
-            source_version=model.source_version) for i in range(n)]
+            source_version=model.source_version, source_lineage=model.manifest.source_lineage,
+            source_ordinal=model.manifest.source_min_ordinal or 0) for i in range(n)]
         for start in range(0, len(records), 500):
             store.write_and_append(records[start:start + 500])
         users[n] = user
@@ -328,7 +329,7 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
             message = to_proto(body)
             query = query_from_model(ScoreRequestModel(**body))
             limit = model.max_history
-            fetched = await store.read_history(users[n], REQUEST_TIME_MS, limit, expected_source_version=model.source_version)
+            fetched = await store.read_history(users[n], REQUEST_TIME_MS, limit, expected_source_version=model.manifest.accepted_sources())
             assert len(fetched) == min(n, limit), f"seeded history of {users[n]}: {len(fetched)} != {min(n, limit)}"
             inputs = fetched
             encode_args = (query.user_id, query.request_time_ms, query.item_ids, query.context.categorical,
@@ -337,7 +338,7 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
             cat, multi, num = model.featurizer.encode(*encode_args)
 
             async def fetch():
-                await store.read_history(users[n], REQUEST_TIME_MS, limit, expected_source_version=model.source_version)
+                await store.read_history(users[n], REQUEST_TIME_MS, limit, expected_source_version=model.manifest.accepted_sources())
 
             async def assemble():
                 model.featurizer.encode(*encode_args)

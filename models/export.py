@@ -136,14 +136,29 @@ def manifest_for(name: str, version: str, created: str, config: dict, run: dict,
 
 
 TORCHSCRIPT_NAME, AOTI_NAME = "model.pt", "model.pt2"
+# What makes a source model's InsEmbs mean what they mean: a retrained model that keeps these
+# keeps its lineage; a change of any starts a new one (docs/source-versions.md).
+ARCHITECTURE_KEYS = ("kind", "shape", "model_config", "history_length", "code_length", "code_dtype")
+
+
+def architecture_lineage(config: dict, feature_spec: dict) -> str:
+    """The lineage name of a source model: ``source-`` + a hash of its architecture and features."""
+    import hashlib
+    import json
+
+    arch = {k: config.get(k) for k in ARCHITECTURE_KEYS}
+    arch["feature_spec"] = feature_spec
+    return "source-" + hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
-               progress=print, device: str | torch.device = "cpu") -> dict[str, Path]:
+               progress=print, device: str | torch.device = "cpu", lineage: str | None = None) -> dict[str, Path]:
     """For each model of a training run: MODEL_DIR/<name>/<version>/ with weights.pt, config.json,
     model.pt (TorchScript, device-free: it loads on any device), model.pt2 (AOTInductor for
     ``device``, unless ``aoti`` is False) and manifest.json.
-    The source is exported first: the rankers' ``source_version`` is its version."""
+    The source is exported first: the rankers' ``source_version`` is its version. The source's
+    manifest gets its ``lineage`` (``lineage``, else ``architecture_lineage``) and ``ordinal``
+    (publish time in seconds); the rankers' declare they read that lineage from that ordinal on."""
     import json
     import shutil
     import time
@@ -167,6 +182,7 @@ def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
     device = resolve_device(device)
     out: dict[str, Path] = {}
     source_version = ""
+    ordinal = int(now.timestamp())
     for name in ("source", "iat", "sif"):
         assert name in MODEL_NAMES
         src = run_dir / name
@@ -192,8 +208,14 @@ def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
             t0 = time.perf_counter()
             export_aoti(module, staging / AOTI_NAME, int(config["history_length"]), device)
             progress(f"{name}: AOTInductor package for {device.type} in {time.perf_counter() - t0:.1f}s")
-        write_manifest(staging, manifest_for(name, version, created, config, run, source_version,
-                                          aoti_target(device) if aoti else None))
+        manifest = manifest_for(name, version, created, config, run, source_version,
+                                aoti_target(device) if aoti else None)
+        if name == "source":
+            lineage = lineage or architecture_lineage(config, run["feature_spec"])
+            manifest.update(lineage=lineage, ordinal=ordinal)
+        else:
+            manifest.update(source_lineage=lineage, source_min_ordinal=ordinal)
+        write_manifest(staging, manifest)
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)  # a version directory appears complete or not at all

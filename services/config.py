@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     ingest_max_batch: int = Field(default=512, gt=0, description="instances per coalesced model forward")
     ingest_max_wait_ms: float = Field(default=2.0, ge=0)
     raw_stream: str | None = Field(default=None, description="also ingest raw instances from this Redis stream")
+    # POST /v1/labels joins a label arriving at most this long after its instance; a later one is
+    # refused and counted. At most 49.7 days: records keep arrival offsets as uint32 ms.
+    label_window_s: float = Field(default=86_400.0, ge=0, le=4_294_967.295,
+                                  description="late labels are joined within this window")
 
     # Sequencer.
     sequencer_workers: int = Field(default=1, gt=0)

@@ -68,6 +68,12 @@ INSTANCES = Counter(
     "Instances by outcome (accepted, rejected, unavailable: a store error, backpressure: the stream's backlog is full)",
     ["outcome"],
 )
+LABEL_UPDATES = Counter(
+    "iat_source_label_updates_total",
+    "Late labels per task by outcome (stored, duplicate, conflict, unknown, window_closed, early, "
+    "incompatible; rejected: a bad batch, nothing stored)",
+    ["outcome"],
+)
 INGEST_BATCH_SIZE = Histogram(
     "iat_source_batch_size", "Instances per model forward after coalescing", buckets=SIZE_BUCKETS,
 )

@@ -41,7 +41,8 @@ its size is users x Lmax x bytes per record (``iat storage-cost --users U``, mea
 
 Reads (``read_history``, storage/read_history.lua), ONE round trip: the newest at most L *usable*
 instances strictly before T. Usable = record present, and written by a source-model version that
-``compatible_source_versions`` accepts for the reader. Members that are not usable are skipped
+``compatible_source_versions`` accepts for the reader (its source lineage from an oldest
+ordinal on, or an exact version for artifacts without lineage). Members that are not usable are skipped
 and counted (``History.missing``, ``History.version_mismatch``) and the read reaches further back
 for usable ones, examining at most ``scan_factor * L`` members; members whose record is gone
 (expired) are removed from the sequence by the same script. A ranking model must never read
@@ -61,13 +62,16 @@ import redis.cluster
 import redis.exceptions
 
 from contract.history import History  # noqa: E402  (re-exported: the store returns it)
+from contract.lineage import SourceLineage
 from storage.codecs import Codec
 from storage.records import (
     HEADER_DTYPE,
     InstanceRecord,
     InvalidRecord,
     RecordFormat,
+    lineage_id,
     source_version_id,
+    split_version_id,
     validate_ins_id,
     validate_timestamp,
     validate_user_id,
@@ -78,28 +82,51 @@ WRITE_INSTANCES_LUA = (Path(__file__).with_name("write_instances.lua")).read_tex
 MS_PER_DAY = 86_400_000
 DEFAULT_SCAN_FACTOR = 4
 
+# What a reader accepts (``compatible_source_versions``): None, a version string or a lineage.
+Accepted = str | SourceLineage | None
+
 # Reasons a history read skips a sequence member (History.skipped, metrics, the history endpoint).
 MISSING = "missing"  # the record is gone (TTL): the member is removed from the sequence
 VERSION_MISMATCH = "version_mismatch"  # written by a source-model version the reader does not accept
 INCOMPATIBLE = "incompatible"  # another embedding dim or code length than the reader decodes
 
 
-def compatible_source_versions(expected: str | None) -> tuple[str, ...] | None:
-    """The source-model versions whose records a reader that expects ``expected`` may use.
+def compatible_source_versions(expected: str | SourceLineage | None) -> SourceLineage | tuple[str, ...] | None:
+    """The source-model records a reader that expects ``expected`` may use.
 
-    None: every version (a reader with no expectation, e.g. the source reading item hashes and
-    timestamps). The rule for now is an exact match; a lineage policy (DESIGN.md section 4: a
-    downstream accepts its source lineage from some oldest version on) changes this function only.
+    None: every record (a reader with no expectation, e.g. the source reading item hashes and
+    timestamps). A ``SourceLineage`` (a downstream whose manifest declares one): the records of
+    that lineage written by ordinal >= its ``min_ordinal``. A version string (an artifact without
+    lineage fields): exactly the records of that version, as before lineages
+    (docs/source-versions.md).
     """
-    return None if expected is None else (expected,)
+    if expected is None or isinstance(expected, SourceLineage):
+        return expected
+    return (expected,)
 
 
-def _accepted_ids(expected: str | None) -> bytes:
-    """The script's ARGV form of ``compatible_source_versions``: 8-byte header ids joined."""
-    versions = compatible_source_versions(expected)
-    if versions is None:
+def _accepted_arg(expected: str | SourceLineage | None) -> bytes:
+    """The script's ARGV form of ``compatible_source_versions`` (storage/read_history.lua)."""
+    accepted = compatible_source_versions(expected)
+    if accepted is None:
         return b""
-    return b"".join(source_version_id(v).to_bytes(8, "little") for v in versions)
+    if isinstance(accepted, SourceLineage):
+        return (b"L" + lineage_id(accepted.lineage).to_bytes(4, "little")
+                + accepted.min_ordinal.to_bytes(4, "little"))
+    return b"X" + b"".join(source_version_id(v).to_bytes(8, "little") for v in accepted)
+
+
+def accepted_mask(expected: str | SourceLineage | None, version_ids: np.ndarray) -> np.ndarray:
+    """Which header version ids ``compatible_source_versions(expected)`` accepts: the script's
+    rule in numpy (two-round-trip reads and tests)."""
+    ids = np.asarray(version_ids, dtype=np.uint64)
+    accepted = compatible_source_versions(expected)
+    if accepted is None:
+        return np.ones(len(ids), dtype=bool)
+    if isinstance(accepted, SourceLineage):
+        lineage, ordinal = split_version_id(ids)
+        return (lineage == np.uint64(lineage_id(accepted.lineage))) & (ordinal >= np.uint64(accepted.min_ordinal))
+    return np.isin(ids, np.array([source_version_id(v) for v in accepted], np.uint64))
 
 
 def user_tag(user_id: str) -> str:
@@ -139,7 +166,7 @@ class _StoreBase:
         max_sequence_length: int = 1024,
         code_length: int = 0,
         code_dtype=np.uint16,
-        source_version: str | None = None,
+        source_version: Accepted = None,
         scan_factor: int = DEFAULT_SCAN_FACTOR,
     ) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
@@ -211,7 +238,7 @@ class _StoreBase:
             values[record.user_id].setdefault(_member(int(record.ins_id)), value)  # first one wins
         return self._write_calls(groups, values, keep_stored)
 
-    def _read_args(self, user_id: str, before_ms: int, limit: int, expected_version: str | None = None,
+    def _read_args(self, user_id: str, before_ms: int, limit: int, expected_version: Accepted = None,
                    explain: bool = False) -> tuple:
         validate_user_id(user_id)
         before_ms = validate_timestamp(before_ms, name="before_ms")
@@ -220,13 +247,15 @@ class _StoreBase:
         limit = int(limit)
         expected = expected_version if expected_version is not None else self.source_version
         return (1, self.sequence_key(user_id), before_ms, limit, self.record_key_prefix(user_id),
-                limit * self.scan_factor, _accepted_ids(expected), "1" if explain else "0")
+                limit * self.scan_factor, _accepted_arg(expected), "1" if explain else "0")
 
     # ---- decoding --------------------------------------------------------------------------
 
-    def _history(self, reply: list) -> History:
+    def _history(self, reply: list, labels_as_of_ms: int | None = None) -> History:
+        """The script's reply decoded; a label that arrived at or after ``labels_as_of_ms`` (a read's
+        ``before_ms``: "a label that arrived after T is unknown at T") reads as unknown (-1)."""
         found, missing, mismatch, blob = reply[:4]
-        history = self.layout.decode(blob, int(found)) if found else self._empty()
+        history = self.layout.decode(blob, int(found), labels_as_of_ms) if found else self._empty()
         history.missing, history.version_mismatch = int(missing), int(mismatch)
         if len(reply) > 4:
             history.skipped = self._skipped(reply[4], history)
@@ -262,16 +291,16 @@ class _StoreBase:
         )
 
     def history_from_records(self, members: list[bytes], values: list[bytes | None],
-                             expected_version: str | None = None) -> History:
+                             expected_version: Accepted = None, labels_as_of_ms: int | None = None) -> History:
         """A history from sequence members and their record values as MGET returns them (None:
         record gone), filtered by source version: how a two-round-trip read (harness/two_trips.py,
         the latency baseline of the fused read) decodes what it fetched."""
         found = [v for v in values if v is not None]
-        history = self._history([len(found), len(members) - len(found), 0, b"".join(found)])
-        versions = compatible_source_versions(expected_version if expected_version is not None else self.source_version)
-        if versions is None or not len(history):
+        history = self._history([len(found), len(members) - len(found), 0, b"".join(found)], labels_as_of_ms)
+        expected = expected_version if expected_version is not None else self.source_version
+        if expected is None or not len(history):
             return history
-        keep = np.isin(history.source_versions, np.array([source_version_id(v) for v in versions], np.uint64))
+        keep = accepted_mask(expected, history.source_versions)
         if keep.all():
             return history
         return history.select(keep, version_mismatch=int((~keep).sum()))
@@ -364,20 +393,22 @@ class InstanceStore(_StoreBase):
     # ---- reads -----------------------------------------------------------------------------
 
     def read_history_raw(self, user_id: str, before_ms: int, limit: int,
-                         expected_source_version: str | None = None) -> list:
+                         expected_source_version: Accepted = None) -> list:
         """The script's reply ``[found, missing, version mismatches, joined records]`` (no decoding)."""
         return self._evalsha(READ_HISTORY_LUA, self._read_args(user_id, before_ms, limit, expected_source_version))
 
-    def read_history(self, user_id: str, before_ms: int, limit: int, expected_source_version: str | None = None,
+    def read_history(self, user_id: str, before_ms: int, limit: int, expected_source_version: Accepted = None,
                      explain: bool = False) -> History:
         """Newest at most ``limit`` usable instances with timestamp < ``before_ms``: ONE round trip.
 
-        ``expected_source_version`` (else the store's ``source_version``; None: any version) selects
-        the records usable through ``compatible_source_versions``. ``explain``: also list what was
+        A label that arrived at or after ``before_ms`` reads as unknown (-1).
+        ``expected_source_version`` (else the store's ``source_version``; None: any version; a
+        ``SourceLineage``: that lineage from its oldest ordinal on) selects the records usable
+        through ``compatible_source_versions``. ``explain``: also list what was
         skipped and why in ``History.skipped``.
         """
         args = self._read_args(user_id, before_ms, limit, expected_source_version, explain)
-        return self._history(self._evalsha(READ_HISTORY_LUA, args))
+        return self._history(self._evalsha(READ_HISTORY_LUA, args), before_ms)
 
     def _evalsha_pipelined(self, sha: str, calls: list[tuple]) -> list:
         """EVALSHA per call in pipelines; replies (or exceptions) in call order.
@@ -417,7 +448,7 @@ class InstanceStore(_StoreBase):
         return replies
 
     def read_histories(
-        self, user_ids: Sequence[str], befores_ms: Sequence[int], limit: int, expected_source_version: str | None = None
+        self, user_ids: Sequence[str], befores_ms: Sequence[int], limit: int, expected_source_version: Accepted = None
     ) -> list[History]:
         """Many users' histories in one pipeline (one script call per user; per shard on a cluster)."""
         if len(user_ids) != len(befores_ms):
@@ -432,7 +463,7 @@ class InstanceStore(_StoreBase):
             return []
         replies = self._evalsha_many(READ_HISTORY_LUA, calls)
         self._raise_first_error(replies)
-        return [self._history(reply) for reply in replies]
+        return [self._history(reply, before_ms) for reply, before_ms in zip(replies, befores_ms)]
 
 
 class AsyncInstanceStore(_StoreBase):
@@ -452,16 +483,16 @@ class AsyncInstanceStore(_StoreBase):
             return await self.client.evalsha(await self._sha(script), *args)
 
     async def read_history_raw(self, user_id: str, before_ms: int, limit: int,
-                               expected_source_version: str | None = None) -> list:
+                               expected_source_version: Accepted = None) -> list:
         return await self._evalsha(READ_HISTORY_LUA, self._read_args(user_id, before_ms, limit, expected_source_version))
 
-    async def read_history(self, user_id: str, before_ms: int, limit: int, expected_source_version: str | None = None,
+    async def read_history(self, user_id: str, before_ms: int, limit: int, expected_source_version: Accepted = None,
                            explain: bool = False) -> History:
         args = self._read_args(user_id, before_ms, limit, expected_source_version, explain)
-        return self._history(await self._evalsha(READ_HISTORY_LUA, args))
+        return self._history(await self._evalsha(READ_HISTORY_LUA, args), before_ms)
 
     async def read_histories(
-        self, user_ids: Sequence[str], befores_ms: Sequence[int], limit: int, expected_source_version: str | None = None
+        self, user_ids: Sequence[str], befores_ms: Sequence[int], limit: int, expected_source_version: Accepted = None
     ) -> list[History]:
         import asyncio
 

@@ -8,8 +8,11 @@
 -- ARGV[2]  L, the most instances returned
 -- ARGV[3]  record key prefix "<prefix>:ins:{<uid>}:" (same hash tag as KEYS[1], so the same shard)
 -- ARGV[4]  scan bound: the most sequence members examined (>= L)
--- ARGV[5]  accepted source-version ids, 8 bytes each as stored at record offset 32, joined;
---          empty: every version is accepted
+-- ARGV[5]  the accepted source versions (storage.instance_store.compatible_source_versions):
+--          empty: every version;
+--          "X" + version ids joined, 8 bytes each as stored at record offset 32: exactly those;
+--          "L" + lineage id (4 bytes) + oldest ordinal (uint32 LE): records whose offset 32..35
+--          equal the lineage id and whose ordinal (offset 36..39) is >= the oldest
 -- ARGV[6]  "1": also return what was skipped and the usable members (the history endpoint)
 -- Reply: {usable found, missing, version mismatches, the usable records joined[, detail]}
 --   detail = {per usable member: member, score; then ""; then per skipped member: member, score,
@@ -23,15 +26,29 @@ local limit = tonumber(ARGV[2])
 local bound = math.max(tonumber(ARGV[4]), limit)
 local explain = ARGV[6] == '1'
 local accepted = nil -- the list of accepted ids; nil: any version
+local lineage, oldest = nil, 0 -- a lineage policy instead of a list
+local function uint32(value, at) -- little-endian, 1-based offset
+  local b1, b2, b3, b4 = string.byte(value, at, at + 3)
+  return b1 + b2 * 256 + b3 * 65536 + b4 * 16777216
+end
 if ARGV[5] ~= '' then
-  accepted = {}
-  for i = 1, #ARGV[5], 8 do
-    accepted[#accepted + 1] = string.sub(ARGV[5], i, i + 7)
+  local mode = string.sub(ARGV[5], 1, 1)
+  if mode == 'L' then
+    lineage, oldest = string.sub(ARGV[5], 2, 5), uint32(ARGV[5], 6)
+  else
+    accepted = {}
+    for i = 2, #ARGV[5], 8 do
+      accepted[#accepted + 1] = string.sub(ARGV[5], i, i + 7)
+    end
   end
 end
+local filtered = accepted or lineage
 local function usable_version(value)
   -- A plain find anchored at offset 32 (1-based 33) compares in place, without building a
   -- substring per record (measurably slower at L = 200).
+  if lineage then
+    return string.find(value, lineage, 33, true) == 33 and uint32(value, 37) >= oldest
+  end
   for k = 1, #accepted do
     if string.find(value, accepted[k], 33, true) == 33 then
       return true
@@ -72,7 +89,7 @@ while #found < limit and offset < bound do
       -- Fast path, the usual case: the first page is all present (concat rejects the false of a
       -- missing key) and of an accepted version, so it is the whole answer.
       local ok, joined = pcall(table.concat, values)
-      if ok and accepted then
+      if ok and filtered then
         for j = 1, n do
           if not usable_version(values[j]) then
             ok = false
@@ -96,7 +113,7 @@ while #found < limit and offset < bound do
         if explain then
           for _, x in ipairs({member, reply[i * 2], 'missing', ''}) do skipped[#skipped + 1] = x end
         end
-      elseif accepted and not usable_version(value) then
+      elseif filtered and not usable_version(value) then
         mismatch = mismatch + 1
         if explain then
           for _, x in ipairs({member, reply[i * 2], 'version', string.sub(value, 1, 48)}) do skipped[#skipped + 1] = x end

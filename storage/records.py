@@ -3,7 +3,7 @@
 A record is a fixed 48-byte little-endian header followed by the payload:
 
   offset size  field
-  0      1     format version (1)
+  0      1     format version (2; version 1 records, without label arrival times, still read)
   1      1     codec id (0 fp32, 1 fp16, 2 int8; storage.codecs)
   2      1     flags: bit0 has embedding, bit1 has codes, bit2 codes are uint16 (else uint8)
   3      1     number of tasks the label bits refer to
@@ -12,10 +12,22 @@ A record is a fixed 48-byte little-endian header followed by the payload:
   8      8     InsID (uint64)
   16     8     timestamp, ms since the epoch (int64, >= 0)
   24     8     hashed item id (int64; an unsigned hash is stored as its two's complement)
-  32     8     source-model version id: first 8 bytes of blake2b(version string), uint64
+  32     8     source-model version id (uint64), either
+                 lineage id (4 bytes: first 4 of blake2b(lineage name)) + ordinal (uint32), both
+                 little-endian: a source model with a lineage (contract/lineage.py), or
+                 first 8 bytes of blake2b(version string): a source model without one
   40     4     label-known bits: bit i set when task i has a label
   44     4     label bits: bit i = label of task i (0/1)
-  48     ...   embedding payload (codec), then m codes (uint8 or uint16)
+  48     4*T   version 2: per task, when its label arrived, ms after the timestamp (uint32;
+               0 for a label that came with the instance or a task without label);
+               version 1 has no such field: its labels arrived with the instance
+  ...    ...   embedding payload (codec), then m codes (uint8 or uint16)
+
+Late labels (storage/update_labels.lua) set a task's known and label bits and its arrival time
+in place. A read as of time T (``decode(..., labels_as_of_ms=T)``) shows a label only if it
+arrived strictly before T: a label that arrived at or after T is unknown (-1) at T. Arrival
+offsets are milliseconds so that this holds to the millisecond of a request; uint32 bounds a
+label's delay at 49.7 days (``ARRIVAL_MAX_MS``; the label window is validated against it).
 
 Every record a store writes has the same size, so a reply of n joined records is decoded with one
 ``np.frombuffer`` over a structured dtype; records of another layout (a codec change during a
@@ -32,9 +44,12 @@ from typing import Sequence
 import numpy as np
 
 from contract.history import History
+from contract.lineage import check_lineage, check_ordinal
 from storage.codecs import Codec, CodecError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+ARRIVAL_MAX_MS = 2**32 - 1
 MAX_TASKS = 32
 UINT64_MAX = 2**64 - 1
 
@@ -77,6 +92,26 @@ def source_version_id(version: str) -> int:
     return int.from_bytes(hashlib.blake2b(version.encode(), digest_size=8).digest(), "little")
 
 
+def lineage_id(lineage: str) -> int:
+    """Stable 32-bit id of a lineage name: the low half of a lineage-stamped version id."""
+    return int.from_bytes(hashlib.blake2b(lineage.encode(), digest_size=4).digest(), "little")
+
+
+def lineage_version_id(lineage: str, ordinal: int) -> int:
+    """The header's version id of ordinal ``ordinal`` of ``lineage``: bytes 32..35 the lineage
+    id, bytes 36..39 the ordinal, so a reader filters by two compares and needs no registry."""
+    return lineage_id(check_lineage(lineage)) | check_ordinal(ordinal) << 32
+
+
+def split_version_id(version_id) -> tuple:
+    """(lineage id, ordinal) of header version ids (ints or a uint64 array). A record of a source
+    model without lineage splits into a meaningless pair: another lineage to every reader."""
+    if isinstance(version_id, np.ndarray):
+        ids = version_id.astype(np.uint64)
+        return ids & np.uint64(0xFFFFFFFF), ids >> np.uint64(32)
+    return int(version_id) & 0xFFFFFFFF, int(version_id) >> 32
+
+
 @dataclass
 class InstanceRecord:
     ins_id: int
@@ -87,6 +122,10 @@ class InstanceRecord:
     labels: dict[str, int] = field(default_factory=dict)  # task -> 0/1
     item_hash: int = 0
     source_version: str = ""
+    # The writing source model's lineage and ordinal (contract/lineage.py); None: a source model
+    # without lineage, whose records carry the hash of ``source_version`` instead.
+    source_lineage: str | None = None
+    source_ordinal: int = 0
 
 
 def validate_user_id(user_id: object, index: int | None = None) -> str:
@@ -147,6 +186,7 @@ class RecordFormat:
     @cached_property
     def record_dtype(self) -> np.dtype:
         fields = [(name, HEADER_DTYPE.fields[name][0]) for name in HEADER_DTYPE.names]
+        fields.append(("label_arrival", "<u4", (len(self.tasks),)))
         fields.append(("embedding", "u1", (self.codec.payload_bytes(self.dim) if self.dim else 0,)))
         code_type = "<u2" if np.dtype(self.code_dtype) == np.uint16 else "u1"
         fields.append(("codes", code_type, (self.code_length,)))
@@ -173,7 +213,7 @@ class RecordFormat:
             out["item_hash"][i] = self._item_hash(rec.item_hash, i)
             if not isinstance(rec.source_version, str):
                 raise InvalidRecord("source_version", f"must be a string, got {rec.source_version!r}", i)
-            out["source_version"][i] = source_version_id(rec.source_version)
+            out["source_version"][i] = self._source_id(rec, i)
             known = bits = 0
             if not isinstance(rec.labels, dict):
                 raise InvalidRecord("labels", f"must be a dict task -> 0/1, got {type(rec.labels).__name__}", i)
@@ -207,6 +247,16 @@ class RecordFormat:
         raw = out.tobytes()
         size = self.record_bytes
         return [raw[i * size:(i + 1) * size] for i in range(n)]
+
+    @staticmethod
+    def _source_id(rec: InstanceRecord, index: int) -> int:
+        if rec.source_lineage is None:
+            return source_version_id(rec.source_version)
+        try:
+            return lineage_version_id(rec.source_lineage, rec.source_ordinal)
+        except ValueError as exc:
+            name, message = str(exc).split(": ", 1)
+            raise InvalidRecord("source_" + name, message, index) from None
 
     @staticmethod
     def _item_hash(value: object, index: int) -> int:
@@ -248,8 +298,9 @@ class RecordFormat:
 
     # ---- reading ---------------------------------------------------------------------------
 
-    def decode(self, blob: bytes, count: int) -> History:
-        """Columns of ``count`` records joined in ``blob`` (in order)."""
+    def decode(self, blob: bytes, count: int, labels_as_of_ms: int | None = None) -> History:
+        """Columns of ``count`` records joined in ``blob`` (in order). ``labels_as_of_ms``: a
+        label that arrived at or after it reads as unknown (-1); None: every stored label."""
         size = self.record_bytes
         if count and len(blob) == count * size:
             rows = np.frombuffer(blob, dtype=self.record_dtype, count=count)
@@ -257,10 +308,12 @@ class RecordFormat:
             # equal this layout's: one comparison of one uint64 column instead of six.
             leading = np.frombuffer(blob, dtype="<u8", count=count * (size // 8))[:: size // 8] if size % 8 == 0 else None
             if leading is not None and (leading == self._leading_word).all():
-                return self._columns(rows, self.codec.decode(rows["embedding"], self.dim) if self.dim else None)
+                return self._columns(rows, self.codec.decode(rows["embedding"], self.dim) if self.dim else None,
+                                     labels_as_of_ms)
             if leading is None and self._same_layout(rows):
-                return self._columns(rows, self.codec.decode(rows["embedding"], self.dim) if self.dim else None)
-        return self._decode_mixed(blob, count)
+                return self._columns(rows, self.codec.decode(rows["embedding"], self.dim) if self.dim else None,
+                                     labels_as_of_ms)
+        return self._decode_mixed(blob, count, labels_as_of_ms)
 
     @cached_property
     def _leading_word(self) -> np.uint64:
@@ -272,20 +325,25 @@ class RecordFormat:
     def _same_layout(self, rows: np.ndarray) -> bool:
         return bool(
             (rows["version"] == FORMAT_VERSION).all()
+            and (rows["n_tasks"] == len(self.tasks)).all()
             and (rows["codec"] == self.codec.id).all()
             and (rows["flags"] == self.flags).all()
             and (rows["dim"] == self.dim).all()
             and (rows["code_len"] == self.code_length).all()
         )
 
-    def _columns(self, rows: np.ndarray, embeddings: np.ndarray | None, incompatible: int = 0) -> History:
+    def _columns(self, rows: np.ndarray, embeddings: np.ndarray | None, labels_as_of_ms: int | None = None,
+                 incompatible: int = 0) -> History:
         n = len(rows)
         n_tasks = len(self.tasks)
         if n_tasks:
             shifts = np.arange(n_tasks, dtype=np.uint32)
-            known = (rows["label_known"][:, None] >> shifts) & 1
+            known = ((rows["label_known"][:, None] >> shifts) & 1) == 1
             value = (rows["label_bits"][:, None] >> shifts) & 1
-            labels = np.where(known == 1, value, -1).astype(np.int8)
+            if labels_as_of_ms is not None:
+                arrived = rows["timestamp_ms"][:, None] + rows["label_arrival"].astype(np.int64)
+                known &= arrived < labels_as_of_ms
+            labels = np.where(known, value, -1).astype(np.int8)
         else:
             labels = np.zeros((n, 0), dtype=np.int8)
         if embeddings is None:
@@ -302,7 +360,7 @@ class RecordFormat:
             incompatible=incompatible,
         )
 
-    def _decode_mixed(self, blob: bytes, count: int) -> History:
+    def _decode_mixed(self, blob: bytes, count: int, labels_as_of_ms: int | None = None) -> History:
         """Slow path: walk records one by one (a layout change is under way)."""
         mine = np.zeros(count, dtype=self.record_dtype)
         vectors = np.zeros((count, self.dim), dtype=np.float32)
@@ -323,9 +381,11 @@ class RecordFormat:
             emb_bytes = codec.payload_bytes(dim) if flags & FLAG_EMBEDDING else 0
             code_item = 2 if flags & FLAG_CODES_UINT16 else 1
             code_bytes = code_len * code_item if flags & FLAG_CODES else 0
-            end = offset + HEADER_BYTES + emb_bytes + code_bytes
+            version = int(header["version"])
+            arrival_bytes = 4 * int(header["n_tasks"]) if version >= 2 else 0
+            end = offset + HEADER_BYTES + arrival_bytes + emb_bytes + code_bytes
             compatible = (
-                int(header["version"]) == FORMAT_VERSION
+                version in READABLE_VERSIONS
                 and dim == self.dim
                 and bool(flags & FLAG_EMBEDDING) == bool(self.dim)
                 and (code_len if flags & FLAG_CODES else 0) == self.code_length
@@ -333,7 +393,11 @@ class RecordFormat:
             if compatible:
                 for name in HEADER_DTYPE.names:
                     mine[kept][name] = header[name]
-                start = offset + HEADER_BYTES
+                if arrival_bytes:  # version 1: every label arrived with the instance (0)
+                    arrivals = np.frombuffer(blob, dtype="<u4", count=arrival_bytes // 4, offset=offset + HEADER_BYTES)
+                    shared = min(len(arrivals), len(self.tasks))
+                    mine[kept]["label_arrival"][:shared] = arrivals[:shared]
+                start = offset + HEADER_BYTES + arrival_bytes
                 if self.dim:
                     payload = np.frombuffer(blob, dtype=np.uint8, count=emb_bytes, offset=start)
                     vectors[kept] = codec.decode(payload.reshape(1, -1), dim)[0]
@@ -344,4 +408,4 @@ class RecordFormat:
             else:
                 incompatible += 1
             offset = end
-        return self._columns(mine[:kept], vectors[:kept] if self.dim else None, incompatible)
+        return self._columns(mine[:kept], vectors[:kept] if self.dim else None, labels_as_of_ms, incompatible)

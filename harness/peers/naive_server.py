@@ -48,7 +48,7 @@ def create_app(model_dir: Path, redis_url: str):
     @app.post("/v1/score")
     def score(body: ScoreRequestModel) -> dict:
         history = store.read_history(body.user_id, body.request_time_ms, model.max_history,
-                                     expected_source_version=model.source_version)
+                                     expected_source_version=model.manifest.accepted_sources())
         cat, multi, num = model.featurizer.encode(
             body.user_id, body.request_time_ms, [c.item_id for c in body.candidates],
             body.context.categorical, body.context.numeric,

@@ -20,6 +20,10 @@ column             dtype / shape         meaning
 ``split``          int8 [N]              0 train / 1 validation / 2 test, by global time
 =================  ====================  ====================================================
 
+Labels arrive after their instance: ``label_arrival_ms()`` (timestamp + the schema's
+``label_delay_s``) and ``history_labels`` apply the serving rule offline, "a label that arrived
+at or after T is unknown at T" (storage/records.py).
+
 ``field_groups`` maps each semantic group (user / item / context / cross) to the feature
 names in it (names as in ``cat_fields`` / ``multi_fields`` / ``num_fields``).
 
@@ -68,6 +72,7 @@ class PreparedData:
     item_field: str
     user_field: str
     num_stats: dict[str, tuple[float, float]] = field(default_factory=dict)  # train mean, std
+    label_delay_ms: int = 0  # the schema's label_delay_s: when labels arrive after their instance
     _history_cache: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -92,6 +97,20 @@ class PreparedData:
         if -1 not in self._history_cache:
             self._history_cache[-1] = build_history_index(self.user_index, self.ts_ms, 0, counts_only=True)
         return self._history_cache[-1]
+
+    def label_arrival_ms(self) -> np.ndarray:
+        """int64 [N]: when each instance's labels arrived (the log has no arrival times: its
+        timestamp + ``label_delay_ms``)."""
+        return self.ts_ms + np.int64(self.label_delay_ms)
+
+    def history_labels(self, hist: np.ndarray, as_of_ms: np.ndarray) -> np.ndarray:
+        """int8 [N, L, T]: the labels of history rows ``hist`` ([N, L], -1 padded) as known at
+        ``as_of_ms`` ([N], e.g. each instance's timestamp): -1 for padding and for a label that
+        arrived at or after that time, the serving rule. With no delay every earlier instance's
+        label is known (strictly-earlier histories), as before."""
+        rows = np.clip(hist, 0, None)
+        known = (hist >= 0) & (self.label_arrival_ms()[rows] < np.asarray(as_of_ms, np.int64)[:, None])
+        return np.where(known[..., None], self.labels[rows].astype(np.int8), np.int8(-1)).astype(np.int8)
 
     def with_arrays(self, **arrays) -> "PreparedData":
         """A copy with some columns replaced (history caches dropped)."""
@@ -343,4 +362,5 @@ def load_dataset(schema: DatasetSchema, data_dir: str | Path, *,
         item_hash=cat[:, cat_fields.index(log.item)].copy(), ts_ms=ts_ms, ins_id=ins, cat=cat,
         multi=multi, num=num, labels=labels[order], split=split, cat_fields=cat_fields,
         multi_fields=multi_fields, num_fields=num_fields, field_groups=groups,
-        n_buckets=n_buckets, item_field=log.item, user_field=log.user, num_stats=stats)
+        n_buckets=n_buckets, item_field=log.item, user_field=log.user, num_stats=stats,
+        label_delay_ms=schema.label_delay_ms)

@@ -87,6 +87,10 @@ class DatasetSchema:
     tables: tuple[TableSpec, ...] = ()
     context_features: tuple[str, ...] = ("hour", "weekday")  # derived from the timestamp (UTC)
     source: Path | None = None
+    # A log has no label arrival times: its labels arrive this long after their instance (TOML
+    # ``label_delay_s``, default 0: known from the instance's timestamp on). Offline histories
+    # show a label only to instances after it arrived, as serving does (PreparedData.history_labels).
+    label_delay_ms: int = 0
 
     @property
     def tasks(self) -> list[str]:
@@ -196,9 +200,12 @@ class DatasetSchema:
         bad = [c for c in context if c not in ("hour", "weekday")]
         if bad:
             raise SchemaError(f"{where}'context_features' supports hour and weekday, got {bad}")
+        delay = raw.get("label_delay_s", 0)
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < 2**31:
+            raise SchemaError(f"{where}'label_delay_s' must be a number of seconds >= 0, got {delay!r}")
         schema = cls(name=raw.get("name", source.stem if source else "dataset"), log=log,
                      labels=tuple(labels), tables=tuple(tables),
-                     context_features=tuple(context), source=source)
+                     context_features=tuple(context), source=source, label_delay_ms=round(delay * 1000))
         schema._check_unique_fields(where)
         schema._check_no_outcome_features(where)
         return schema

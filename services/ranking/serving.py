@@ -60,10 +60,11 @@ class RankingServing:
     async def read_history(self, model: RankingModel, user_id: str, before_ms: int, limit: int,
                            explain: bool = False) -> History:
         """THE history read of this service (Score and the history endpoint): the newest at most
-        ``limit`` instances strictly before ``before_ms`` usable by ``model`` (its source-model
-        version), each skipped member counted by reason."""
+        ``limit`` instances strictly before ``before_ms`` usable by ``model`` (its source lineage
+        from its oldest accepted ordinal on, or its exact source version for an artifact without
+        lineage), each skipped member counted by reason."""
         history = await self.store_for(model).read_history(
-            user_id, before_ms, limit, expected_source_version=model.source_version, explain=explain)
+            user_id, before_ms, limit, expected_source_version=model.manifest.accepted_sources(), explain=explain)
         for reason, count in ((MISSING, history.missing), (VERSION_MISMATCH, history.version_mismatch),
                               (INCOMPATIBLE, history.incompatible)):
             if count:

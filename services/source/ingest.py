@@ -133,7 +133,8 @@ class Ingestor:
                 ins_id=ids[k], user_id=inst.user_id, timestamp_ms=inst.timestamp_ms,
                 embedding=embeddings[k], codes=None if codes is None else codes[k],
                 labels=dict(inst.labels), item_hash=int(item_hashes[k]),
-                source_version=self.model.version,
+                source_version=self.model.version, source_lineage=self.model.manifest.lineage,
+                source_ordinal=self.model.manifest.ordinal or 0,
             )
             for k, inst in enumerate(instances)
         ]

@@ -1,4 +1,5 @@
-"""`iat serve source`: POST /v1/instances on the HTTP port (DESIGN.md section 7)."""
+"""`iat serve source`: POST /v1/instances (DESIGN.md section 7) and POST /v1/labels (labels that
+arrive late, storage/late_labels.py) on the HTTP port."""
 from __future__ import annotations
 
 import asyncio
@@ -33,13 +34,27 @@ from services.source.protocol import (
     IngestRejected,
     IngestRequest,
     IngestResponse,
+    LabelItemResult,
+    LabelsRequest,
+    LabelsResponse,
     distinct_instances,
     validate_against_model,
+    validate_label_updates,
 )
 from services.source.raw_stream import RawInstanceConsumer
 from services.stores import instance_store, instance_stream, redis_client
 from storage.errors import STORE_ERRORS
-from storage.stream import StreamBacklogFull
+from storage.late_labels import (
+    DUPLICATE,
+    LABELS_GROUP,
+    LABELS_STREAM,
+    STORED,
+    UNKNOWN,
+    LabelUpdate,
+    LateLabels,
+)
+from storage.records import InvalidRecord
+from storage.stream import InstanceStream, StreamBacklogFull
 
 log = logging.getLogger(__name__)
 SOURCE_MODEL_NAME = "source"
@@ -60,6 +75,8 @@ class SourceService:
         self.store = instance_store(self.client, settings, RecordLayout.from_manifest(self.model.manifest))
         self.stream = instance_stream(self.client, settings)
         self.ingestor = Ingestor(self.model, self.store, self.stream)
+        labels_stream = InstanceStream(self.client, prefix=settings.key_prefix, name=LABELS_STREAM, group=LABELS_GROUP)
+        self.late_labels = LateLabels(self.store, round(settings.label_window_s * 1000), labels_stream)
         self.executor = ThreadPoolExecutor(max_workers=MODEL_WORKERS, thread_name_prefix="ingest")
         self.batcher = MicroBatcher(
             self.ingestor.ingest, self.executor, max_batch=settings.ingest_max_batch,
@@ -75,6 +92,26 @@ class SourceService:
         distinct, positions = distinct_instances(request.instances)
         ids = await self.batcher.submit(distinct)
         return IngestResponse(accepted=len(ids), ins_ids=[str(ids[k]) for k in positions])
+
+    async def update_labels(self, request: LabelsRequest) -> LabelsResponse:
+        """Join late labels (refused whole on a bad batch); per-label outcomes are counted."""
+        validate_label_updates(request.updates, self.model.tasks, self.settings.ingest_max_request)
+        updates = [LabelUpdate(u.user_id, int(u.ins_id), dict(u.labels), u.arrival_ms) for u in request.updates]
+        try:
+            results = await asyncio.to_thread(self.late_labels.apply, updates)
+        except InvalidRecord as err:  # the wire types check the same: a safety net
+            raise IngestRejected(f"updates[{err.index}].{err.field}", str(err)) from None
+        counts: dict[str, int] = {}
+        for result in results:
+            for outcome in result.tasks.values():
+                counts[outcome] = counts.get(outcome, 0) + 1
+        for outcome, n in counts.items():
+            metrics.LABEL_UPDATES.labels(outcome).inc(n)
+        return LabelsResponse(
+            stored=counts.get(STORED, 0), unknown=counts.get(UNKNOWN, 0),
+            refused=sum(n for o, n in counts.items() if o not in (STORED, DUPLICATE, UNKNOWN)),
+            results=[LabelItemResult(ins_id=str(r.ins_id), labels=r.tasks) for r in results],
+        )
 
     def app(self) -> FastAPI:
         @asynccontextmanager
@@ -130,6 +167,14 @@ class SourceService:
             metrics.INSTANCES.labels("accepted").inc(response.accepted)
             metrics.INGEST_LATENCY.observe(time.perf_counter() - start)
             return response
+
+        @app.post("/v1/labels", response_model=LabelsResponse)
+        async def post_labels(body: LabelsRequest):
+            try:
+                return await self.update_labels(body)
+            except IngestRejected as err:
+                metrics.LABEL_UPDATES.labels("rejected").inc(sum(len(u.labels) for u in body.updates))
+                return JSONResponse(error_body("INVALID_ARGUMENT", err.field, err.message), status_code=422)
 
         return app
 

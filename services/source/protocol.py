@@ -1,4 +1,4 @@
-"""Typed messages of POST /v1/instances (DESIGN.md section 7) and their validation.
+"""Typed messages of POST /v1/instances (DESIGN.md section 7) and POST /v1/labels, and their validation.
 
 Pydantic parses with strict types (services/wire_types.py: ids, times) and rejects malformed
 JSON, NaN/inf and unknown keys with a 422 that names the field; `validate_against_model` adds
@@ -129,3 +129,55 @@ def distinct_instances(instances: list[Instance]) -> tuple[list[Instance], list[
                 indices=[j, i])
         positions.append(k)
     return distinct, positions
+
+
+# ---- POST /v1/labels: labels that arrive late (storage/late_labels.py) ---------------------
+
+class LabelUpdateItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: Id
+    ins_id: str = Field(pattern=r"^[0-9]{1,20}$", description="the InsID /v1/instances returned (decimal)")
+    labels: dict[str, StrictInt] = Field(min_length=1)
+    arrival_ms: TimeMs
+
+    @field_validator("ins_id")
+    @classmethod
+    def _uint64(cls, value: str) -> str:
+        if int(value) >= 2**64:
+            raise ValueError(f"must be an unsigned 64-bit int, got {value}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _binary(cls, labels: dict[str, int]) -> dict[str, int]:
+        for task, value in labels.items():
+            if value not in (0, 1):
+                raise ValueError(f"labels[{task}] must be 0 or 1, got {value}")
+        return labels
+
+
+class LabelsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    updates: list[LabelUpdateItem] = Field(min_length=1)
+
+
+class LabelItemResult(BaseModel):
+    ins_id: str
+    labels: dict[str, str]  # task -> outcome (storage.late_labels.OUTCOMES)
+
+
+class LabelsResponse(BaseModel):
+    stored: int      # labels newly joined
+    refused: int     # conflict, window_closed, early, incompatible
+    unknown: int     # labels of InsIDs with no stored record
+    results: list[LabelItemResult]  # one per update, in order
+
+
+def validate_label_updates(updates: list[LabelUpdateItem], tasks: list[str], max_batch: int) -> None:
+    if len(updates) > max_batch:
+        raise IngestRejected("updates", f"{len(updates)} updates, the limit is {max_batch}")
+    known = set(tasks)
+    for i, update in enumerate(updates):
+        for task in update.labels:
+            if task not in known:
+                raise IngestRejected(f"updates[{i}].labels[{task}]", f"unknown task (this model has {tasks})")

@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
+from contract.lineage import SourceLineage
 from harness.processes import ServiceProcess, free_port
 from models.data.raw import raw_instances
 from models.data.schema import load_schema
@@ -119,9 +120,11 @@ def test_insembs_do_not_depend_on_sequencer_lag(movielens_models, raw, tmp_path,
 # ---- item 4: the history read reaches back past unusable records -------------------------------
 
 
-def _switched_model_dir(model_dir: Path, root: Path) -> tuple[Path, str]:
-    """A model dir whose newest source model is a new version (the same weights under another
-    name): what a source-model roll-out looks like to the services."""
+def _switched_model_dir(model_dir: Path, root: Path) -> tuple[Path, object]:
+    """A model dir whose newest source model is a new version of a new architecture (the same
+    weights under another name and lineage): what a source-model roll-out that the rankers may
+    not read looks like to the services. Returns the dir and what accepts the new records (its
+    lineage; its version for an artifact without lineage)."""
     switched = root / "models-switched"
     (switched / "source").mkdir(parents=True)
     for name in ("iat", "sif"):
@@ -135,8 +138,11 @@ def _switched_model_dir(model_dir: Path, root: Path) -> tuple[Path, str]:
         if f.name != "manifest.json":
             (new / f.name).symlink_to(f)
     manifest = json.loads((current / "manifest.json").read_text())
+    if manifest.get("lineage"):  # a retrain of the same lineage would be read: a new architecture
+        manifest["lineage"] += "-rearchitected"
     (new / "manifest.json").write_text(json.dumps({**manifest, "version": new_name}))
-    return switched, new_name
+    accepts = SourceLineage(manifest["lineage"], 0) if manifest.get("lineage") else new_name
+    return switched, accepts
 
 
 def _score_body(template, user_id, request_time_ms):
@@ -204,14 +210,14 @@ def test_history_reaches_back_past_expired_and_other_version_records(movielens_m
         metrics = httpx.get(ranking.base_url + "/metrics").text
         assert _metric(metrics, "iat_ranking_history_skipped_total", 'reason="missing"') == len(new)
 
-        # A source-model roll-out: the new version's records are the newest; the iat model still
-        # reads its own source version, further back, and gets a full history.
-        switched_dir, new_version = _switched_model_dir(model_dir, tmp_path)
+        # A roll-out of a new source architecture (a new lineage): its records are the newest; the
+        # iat model still reads its own source lineage, further back, and gets a full history.
+        switched_dir, new_source = _switched_model_dir(model_dir, tmp_path)
         short.stop()
         rolled = start_service(["serve", "source"], env={**env, "IAT_MODEL_DIR": str(switched_dir)})
         _post(rolled.base_url, newer)
         _wait(lambda: _sequenced(client), "sequencer did not catch up")
-        assert store.read_history_raw(user, request_ms, L, new_version)[0] == len(newer)  # stored as the new version
+        assert store.read_history_raw(user, request_ms, L, new_source)[0] == len(newer)  # stored as the new source
         shown, used = history(), history_length()
         assert used == L  # not L - len(newer): the version filter reached back
         assert shown["count"] == used and [i["ins_id"] for i in shown["instances"]] == expected

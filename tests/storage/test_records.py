@@ -89,4 +89,5 @@ def test_bad_read_arguments(store, args, field):
 def test_record_size_is_header_plus_payload(store):
     fp32_d64 = InstanceStore(store.client, dim=64).layout.record_bytes
     assert fp32_d64 == HEADER_BYTES + 256
-    assert store.layout.record_bytes == HEADER_BYTES + 4 * DIM + 4
+    # format 2: a uint32 label arrival time per task after the header
+    assert store.layout.record_bytes == HEADER_BYTES + 4 * 2 + 4 * DIM + 4
