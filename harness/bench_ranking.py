@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.machine import MachineSampler, machine_markdown
 from harness.processes import ServiceProcess, free_port
 from harness.reporting import command_line, emit
 from services.config import Settings
@@ -486,7 +487,7 @@ def markdown(result: dict) -> str:
     rows = result["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     tp = {(t["candidates"], t["history"], t["protocol"]): t for t in result["throughput"]}
-    lines = ["| C | n | " + " | ".join(f"{m} p50 / p95 / p99 ms" for m in methods) + " |",
+    lines = ([machine_markdown(result["machine"]), ""] if result.get("machine") else []) + ["| C | n | " + " | ".join(f"{m} p50 / p95 / p99 ms" for m in methods) + " |",
              "|---|---|" + "---|" * len(methods)]
     cells = {(r["candidates"], r["history"], r["method"]): r for r in rows}
     keys = sorted({(r["candidates"], r["history"]) for r in rows}, key=lambda k: (k[1], k[0]))
@@ -548,11 +549,13 @@ def run(args: argparse.Namespace) -> int:
         url = embedded.url
     server = None
     methods = set(args.methods.split(","))
+    machine = MachineSampler().start()
     try:
         if methods & {"grpc", "rest"}:
             server = RankingProcess(model_dir, url, args.threads, args.runtime, work / "ranking.log").wait_ready()
         result = asyncio.run(_measure(args, model_dir, url, workload, server))
     finally:
+        machine.stop()
         if server:
             server.stop()
         if embedded is not None:
@@ -563,7 +566,7 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__, "threads": args.threads, "cpus": os.cpu_count(),
         "python": platform.python_version(), "machine": platform.machine(),
         "redis": "embedded (unix socket)" if embedded is not None else "REDIS URL given",
-        "model_dir": str(model_dir), "concurrency": args.concurrency,
+        "model_dir": str(model_dir), "concurrency": args.concurrency, "machine": machine.summary(),
     })
     return emit(result, args.json_path, markdown)
 
