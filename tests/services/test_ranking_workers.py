@@ -151,3 +151,12 @@ def test_sigterm_drains_both_workers_without_failing_a_request_in_flight(two_wor
         sock.close()
     assert ranking.proc.wait(DEADLINE_S) == 0, ranking.log_tail()
     assert "ranking workers exited with [0, 0]" in ranking.log_tail(20_000)
+
+
+def test_torch_threads_are_shared_among_the_workers_too():
+    from services.cpus import intra_op_threads
+
+    assert intra_op_threads(0, workers=2, cpus=8, processes=2) == 2
+    assert intra_op_threads(0, workers=1, cpus=8, processes=4) == 2
+    assert intra_op_threads(0, workers=2, cpus=2, processes=2) == 1   # never below one
+    assert intra_op_threads(3, workers=2, cpus=8, processes=2) == 3   # IAT_TORCH_THREADS wins
