@@ -18,8 +18,8 @@ requests in flight for ``--saturation-s`` seconds) for its throughput.
 
 ``--workers 1,2``: the served process runs IAT_RANKING_WORKERS = the first count; then, for each
 count in turn, a fresh ``iat serve ranking`` with that many workers is driven at saturation over
-gRPC at the largest n, one channel (one connection) per client thread so that the kernel spreads
-them over the workers, against the ceiling cores / forward time (forward = the "model" p50 of
+gRPC at the largest n, one channel (one connection) per client thread, the connections spread
+evenly over the workers, against the ceiling cores / forward time (forward = the "model" p50 of
 the same cell, at ``--threads``).
 
 Models: ``--model-dir`` serves an export as it is. Without it, a ranking model at the default
@@ -178,6 +178,30 @@ class RankingProcess(ServiceProcess):
         self.wait("/readyz", timeout_s)
         return self
 
+    def balanced_channels(self, count: int, workers: int, timeout_s: float = 180.0) -> list:
+        """``count`` gRPC channels (one connection each) spread evenly over the workers: the kernel
+        hashes each new connection to a worker, which over a handful of connections is often
+        lopsided; many clients even it out, and so does a balancer in front. Opens connections and
+        keeps those that land on a worker short of its share."""
+        import grpc
+        from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
+        request = ranking_pb2.ScoreRequest(request_id="wait", user_id="bench-wait", request_time_ms=REQUEST_TIME_MS)
+        share = -(-count // workers)
+        kept: dict[str, list] = {}
+        deadline = time.monotonic() + timeout_s
+        while sum(map(len, kept.values())) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not spread {count} connections over {workers} workers in {timeout_s}s")
+            channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            _, call = ranking_pb2_grpc.RankingServiceStub(channel).Score.with_call(request, timeout=60)
+            pid = dict(call.trailing_metadata()).get("iat-worker-pid")
+            if len(kept.setdefault(pid, [])) < share:
+                kept[pid].append(channel)
+            else:
+                channel.close()
+        return [ch for chans in kept.values() for ch in chans]
+
     def wait_workers(self, workers: int, timeout_s: float = 180.0) -> "RankingProcess":
         """Until ``workers`` distinct worker processes have answered a Score (each on a new
         connection): a worker binds the port only once loaded, so the first to be ready would
@@ -319,20 +343,18 @@ def scaling(args, model_dir: Path, redis_url: str, workload: MovieLensWorkload, 
             for c in _ints(args.candidates, "candidates"):
                 message = to_proto(workload.request(f"bench-h{n}", REQUEST_TIME_MS, c, rng,
                                                     context_user=workload.user_ids[0], request_id=f"s-{c}"))
-                local, channels, pids = threading.local(), [], set()
+                channels = server.balanced_channels(args.concurrency, workers)
+                stubs = iter([ranking_pb2_grpc.RankingServiceStub(ch) for ch in channels])
+                local, pids, lock = threading.local(), set(), threading.Lock()
 
                 def call() -> None:
                     stub = getattr(local, "stub", None)
-                    if stub is None:  # a connection per client thread: the kernel spreads them over the workers
-                        channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}",
-                                                        options=[("grpc.use_local_subchannel_pool", 1)])
-                        channels.append(channel)
-                        local.stub = stub = ranking_pb2_grpc.RankingServiceStub(channel)
+                    if stub is None:  # each client thread keeps one connection
+                        with lock:
+                            local.stub = stub = next(stubs)
                     _, rpc = stub.Score.with_call(message, timeout=120)
                     pids.add(dict(rpc.trailing_metadata()).get("iat-worker-pid"))
 
-                for _ in range(args.warmup):
-                    call()
                 served_cpu = _tree_cpu_seconds(server.proc.pid)
                 sat = saturate(call, args.concurrency, args.saturation_s)
                 served_cpu = _tree_cpu_seconds(server.proc.pid) - served_cpu
@@ -380,7 +402,8 @@ def _tree_cpu_seconds(pid: int) -> float:
 
 def scaling_markdown(rows: list[dict]) -> str:
     conc = rows[0]["concurrency"]
-    lines = [f"gRPC at saturation ({conc} requests in flight, one connection each) by IAT_RANKING_WORKERS; "
+    lines = [f"gRPC at saturation ({conc} requests in flight, one connection each, spread evenly over the workers) "
+             "by IAT_RANKING_WORKERS; "
              "ceiling = available CPUs / forward p50 (the \"model\" column above, same cell). On a shared machine "
              "the wall-clock ceiling assumes cores this run did not get; the CPU columns state the same goal in "
              "CPU time: service CPU per request (every process of `iat serve ranking`, from psutil) against the "
