@@ -182,7 +182,8 @@ class RankingProcess(ServiceProcess):
         """``count`` gRPC channels (one connection each) spread evenly over the workers: the kernel
         hashes each new connection to a worker, which over a handful of connections is often
         lopsided; many clients even it out, and so does a balancer in front. Opens connections and
-        keeps those that land on a worker short of its share."""
+        keeps those that land on a worker short of its share, so it also waits for every worker
+        to be up (a worker binds the port only once its models are loaded)."""
         import grpc
         from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
@@ -201,25 +202,6 @@ class RankingProcess(ServiceProcess):
             else:
                 channel.close()
         return [ch for chans in kept.values() for ch in chans]
-
-    def wait_workers(self, workers: int, timeout_s: float = 180.0) -> "RankingProcess":
-        """Until ``workers`` distinct worker processes have answered a Score (each on a new
-        connection): a worker binds the port only once loaded, so the first to be ready would
-        otherwise take every connection a load opens at once."""
-        import grpc
-        from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-
-        request = ranking_pb2.ScoreRequest(request_id="wait", user_id="bench-wait", request_time_ms=REQUEST_TIME_MS)
-        seen: set[str] = set()
-        deadline = time.monotonic() + timeout_s
-        while len(seen) < workers:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(seen)} of {workers} ranking workers answered in {timeout_s}s")
-            with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}",
-                                       options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-                _, call = ranking_pb2_grpc.RankingServiceStub(channel).Score.with_call(request, timeout=60)
-            seen.add(dict(call.trailing_metadata()).get("iat-worker-pid"))
-        return self
 
 
 class InlineExecutor(Executor):
@@ -338,7 +320,6 @@ def scaling(args, model_dir: Path, redis_url: str, workload: MovieLensWorkload, 
     for workers in counts:
         server = RankingProcess(model_dir, redis_url, args.threads, args.runtime,
                                 args.work_dir / f"ranking-{workers}w.log", workers=workers).wait_ready(180)
-        server.wait_workers(workers)
         try:
             for c in _ints(args.candidates, "candidates"):
                 message = to_proto(workload.request(f"bench-h{n}", REQUEST_TIME_MS, c, rng,
