@@ -139,6 +139,7 @@ class MachineSampler:
         busy = sorted(((s, name) for (_, name), s in self._other_seconds.items() if s >= BUSY_SHARE * seconds),
                       reverse=True)
         out["other_busy_processes"] = len(busy)
+        out["other_processes_on_cpu"] = sum(1 for s in self._other_seconds.values() if s >= 0.5)
         out["other_top"] = [{"name": name, "cpus": round(s / max(seconds, 1e-6), 2)} for s, name in busy[:5]]
         return out
 
@@ -157,7 +158,9 @@ def machine_markdown(m: dict) -> str:
                  f"{m['load1_mean']:.2f} (max {m['load1_max']:.2f}); busy CPUs {m['busy_cpus_mean']:.2f} of "
                  f"{m['logical_cpus']}, of which this run's processes {m['own_cpus_mean']:.2f} and other processes "
                  f"{m['other_cpus_mean']:.2f} (max {m['other_cpus_max']:.2f}); "
-                 f"{m['other_busy_processes']} other process(es) used over {BUSY_SHARE:.0%} of a core"
+                 + (f"{m['other_processes_on_cpu']} other processes ran at least 0.5 CPU-s, "
+                    if m.get("other_processes_on_cpu") is not None else "")
+                 + f"{m['other_busy_processes']} other process(es) used over {BUSY_SHARE:.0%} of a core over the run"
                  + (f" (CPUs: {others})" if others else "") + ".")
         if (m.get("other_cpus_mean") or 0) >= 0.25:
             text += (" The machine was shared: absolute figures are noisy; ratios are from one run, "
