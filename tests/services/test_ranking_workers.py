@@ -25,10 +25,12 @@ BODY = {"request_id": "w", "user_id": "no-such-user", "request_time_ms": 1_700_0
         "model": "iat"}
 
 
-@pytest.fixture
-def two_workers(start_service, redis_server, movielens_models):
+@pytest.fixture(scope="module")
+def two_workers(start_module_service, redis_server, movielens_models):
+    """One service for the module (starting two workers is the slow part); the drain test, which
+    stops it, runs last."""
     grpc_port = free_port()
-    ranking = start_service(["serve", "ranking", "--grpc-port", str(grpc_port)],
+    ranking = start_module_service(["serve", "ranking", "--grpc-port", str(grpc_port)],
                             env={"REDIS_URL": redis_server, "IAT_MODEL_DIR": str(movielens_models.model_dir),
                                  "IAT_RELOAD_INTERVAL_S": "0", "IAT_API_TOKEN": "", "IAT_RANKING_WORKERS": "2"})
     ranking.wait("/readyz", timeout_s=DEADLINE_S)
@@ -50,6 +52,7 @@ def _until_both(call, workers: set[int]) -> tuple[set[int], int]:
     return seen, calls
 
 
+@pytest.mark.slow
 def test_two_workers_answer_on_one_port_and_metrics_sum_them(two_workers):
     ranking = two_workers
     deadline = time.monotonic() + DEADLINE_S
@@ -129,6 +132,7 @@ def _refused(port: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_sigterm_drains_both_workers_without_failing_a_request_in_flight(two_workers):
     ranking = two_workers
     held: list[tuple[socket.socket, int]] = []
