@@ -35,7 +35,7 @@ def create_app(serving) -> FastAPI:
         description="Score candidates with sequence-aware IAT/SIF models (REST twin of gRPC Score).",
         version="1",
     )
-    if serving.settings.ranking_workers > 1:
+    if serving.settings.ranking_workers > 1 and serving.settings.prometheus_multiproc_dir is not None:
         app.add_api_route("/metrics", _all_workers_metrics(serving), methods=["GET"], tags=["health"],
                           summary="Prometheus metrics of all the workers on this port")
     app.include_router(health_router(serving.readiness_checks(), store=serving.store_guard))
