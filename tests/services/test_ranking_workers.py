@@ -157,6 +157,23 @@ def test_sigterm_drains_both_workers_without_failing_a_request_in_flight(two_wor
     assert "ranking workers exited with [0, 0]" in ranking.log_tail(20_000)
 
 
+@pytest.mark.slow
+def test_a_worker_that_dies_takes_the_service_down_whole(start_service, redis_server, tmp_path):
+    """No silent half capacity: the supervisor stops the other worker and exits non-zero, so that
+    the orchestrator restarts the service."""
+    ranking = start_service(["serve", "ranking", "--grpc-port", str(free_port())],
+                            env={"REDIS_URL": redis_server, "IAT_MODEL_DIR": str(tmp_path / "no-models"),
+                                 "IAT_RELOAD_INTERVAL_S": "0", "IAT_RANKING_WORKERS": "2"})
+    deadline = time.monotonic() + DEADLINE_S
+    while len(_workers(ranking)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first, second = sorted(_workers(ranking))
+    psutil.Process(first).kill()
+    assert ranking.proc.wait(DEADLINE_S) == 1
+    assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE
+    assert "stopping the others" in ranking.log_tail(20_000)
+
+
 def test_torch_threads_are_shared_among_the_workers_too():
     from services.cpus import intra_op_threads
 
