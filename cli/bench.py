@@ -12,6 +12,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "model": ("harness.bench_model", "model forward latency per runtime; shared vs naive history"),
     "ingest": ("harness.bench_source", "source service ingest throughput"),
     "score": ("harness.bench_ranking", "Score latency in process and over gRPC"),
+    "floor": ("harness.bench_floor", "forward time against FLOPs / attainable GEMM throughput at the model's shapes"),
 }
 
 

@@ -94,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
     from models.export import example_inputs
     from models.runtime.loader import load_ranking_model
 
+    from harness.machine import MachineSampler
+
     torch.set_num_threads(args.threads)
+    machine = MachineSampler().start()
     runtimes = [r for r in args.runtimes.split(",") if r]
     naive_runtimes = [r for r in args.naive_runtimes.split(",") if r]
     cands = [int(c) for c in args.candidates.split(",")]
@@ -164,12 +167,14 @@ def run(args: argparse.Namespace) -> int:
                  "naive_over_shared_p50": p50[("naive", rt, c, n)] / p50[("shared", rt, c, n)]}
                 for rt in naive_runtimes if ("shared", rt, cands[0], hists[0]) in p50
                 for n in hists for c in cands]
+    machine.stop()
     out = {"command": "iat bench model " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "model"]
            else "python -m harness.bench_model " + " ".join(sys.argv[1:]),
            "torch": torch.__version__, "threads": args.threads, "device": "cpu",
            "model": {"name": "iat", "max_history": ref.max_history, **{k: config["model_config"][k] for k in
                      ("iat_width", "iat_layers", "iat_heads", "seq_len", "insemb_dim", "fi_blocks")}},
-           "max_abs_diff_between_runtimes": max_diff, "results": results, "speedups": speedups}
+           "max_abs_diff_between_runtimes": max_diff, "results": results, "speedups": speedups,
+           "machine": machine.summary()}
     print(markdown(out))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
@@ -178,10 +183,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def markdown(out: dict) -> str:
+    from harness.machine import machine_markdown
+
     rows = out["results"]
     keys = sorted({(r["model"], r["runtime"]) for r in rows}, key=lambda k: (k[0] != "shared", k[1]))
     head = "| C | n | " + " | ".join(f"{m} {rt} p50 / p99 ms" for m, rt in keys) + " |"
-    lines = [head, "|" + "---|" * (2 + len(keys))]
+    lines = ([machine_markdown(out["machine"]), ""] if out.get("machine") else []) + [head, "|" + "---|" * (2 + len(keys))]
     cells = {(r["model"], r["runtime"], r["candidates"], r["history"]): r for r in rows}
     for n in sorted({r["history"] for r in rows}):
         for c in sorted({r["candidates"] for r in rows}):

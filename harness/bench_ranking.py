@@ -16,6 +16,12 @@ The floor is p50(fetch) + p50(model): what a Score cannot beat without a faster 
 model. After the latency rounds, each protocol is driven at saturation (``--concurrency``
 requests in flight for ``--saturation-s`` seconds) for its throughput.
 
+``--workers 1,2``: the served process runs IAT_RANKING_WORKERS = the first count; then, for each
+count in turn, a fresh ``iat serve ranking`` with that many workers is driven at saturation over
+gRPC at the largest n, one channel (one connection) per client thread, the connections spread
+evenly over the workers, against the ceiling cores / forward time (forward = the "model" p50 of
+the same cell, at ``--threads``).
+
 Models: ``--model-dir`` serves an export as it is. Without it, a ranking model at the default
 ``ModelConfig`` (L = 256, random weights: latency does not depend on them) is built for the
 MovieLens schema next to the source model of a quick export (``--quick-models``), because the
@@ -40,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.machine import MachineSampler, machine_markdown
 from harness.processes import ServiceProcess, free_port
 from harness.reporting import command_line, emit
 from services.config import Settings
@@ -159,16 +166,42 @@ class RankingProcess(ServiceProcess):
     """A real ``iat serve ranking`` on loopback for the benchmark (no token, no hot reload)."""
 
     def __init__(self, model_dir: Path, redis_url: str, threads: int, runtime: str, log_path: Path,
-                 extra_env: dict | None = None) -> None:
+                 extra_env: dict | None = None, workers: int = 1) -> None:
         self.grpc_port = free_port()
         env = {"REDIS_URL": redis_url, "IAT_MODEL_DIR": str(model_dir), "IAT_RELOAD_INTERVAL_S": "0",
-               "IAT_RUNTIME": runtime, "OMP_NUM_THREADS": str(threads), "IAT_API_TOKEN": "", **(extra_env or {})}
+               "IAT_RUNTIME": runtime, "OMP_NUM_THREADS": str(threads), "IAT_API_TOKEN": "",
+               "IAT_RANKING_WORKERS": str(workers), **(extra_env or {})}
         super().__init__(["serve", "ranking", "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port)],
                          log_path=log_path, env=env)
 
     def wait_ready(self, timeout_s: float = 60.0) -> "RankingProcess":
         self.wait("/readyz", timeout_s)
         return self
+
+    def balanced_channels(self, count: int, workers: int, timeout_s: float = 180.0) -> list:
+        """``count`` gRPC channels (one connection each) spread evenly over the workers: the kernel
+        hashes each new connection to a worker, which over a handful of connections is often
+        lopsided; many clients even it out, and so does a balancer in front. Opens connections and
+        keeps those that land on a worker short of its share, so it also waits for every worker
+        to be up (a worker binds the port only once its models are loaded)."""
+        import grpc
+        from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
+        request = ranking_pb2.ScoreRequest(request_id="wait", user_id="bench-wait", request_time_ms=REQUEST_TIME_MS)
+        share = -(-count // workers)
+        kept: dict[str, list] = {}
+        deadline = time.monotonic() + timeout_s
+        while sum(map(len, kept.values())) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not spread {count} connections over {workers} workers in {timeout_s}s")
+            channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            _, call = ranking_pb2_grpc.RankingServiceStub(channel).Score.with_call(request, timeout=60)
+            pid = dict(call.trailing_metadata()).get("iat-worker-pid")
+            if len(kept.setdefault(pid, [])) < share:
+                kept[pid].append(channel)
+            else:
+                channel.close()
+        return [ch for chans in kept.values() for ch in chans]
 
 
 class InlineExecutor(Executor):
@@ -207,6 +240,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", default="torchscript", choices=("torchscript", "eager", "aoti"))
     parser.add_argument("--saturation-s", type=float, default=3.0, help="seconds per protocol and cell at saturation; 0 skips")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at saturation")
+    parser.add_argument("--workers", default="1",
+                        help="IAT_RANKING_WORKERS of the served process; several counts (e.g. 1,2): also "
+                             "gRPC saturation at each, against cores / forward time")
     parser.add_argument("--peer", action="append", default=[], metavar="NAME=URL",
                         help="another Score endpoint speaking the REST JSON, timed alongside (repeatable)")
     parser.add_argument("--peer-candidates", default="100,500", help="cells (candidates) where peers are timed")
@@ -263,6 +299,115 @@ def saturate(call, concurrency: int, seconds: float) -> dict:
     if all_lat:
         out.update({f"loaded_{k}": v for k, v in percentiles(all_lat).items() if k != "n"})
     return out
+
+
+def scaling(args, model_dir: Path, redis_url: str, workload: MovieLensWorkload, result: dict) -> list[dict]:
+    """gRPC throughput at saturation with each worker count, at the largest n, against the
+    ceiling available CPUs / forward p50 of the same cell."""
+    import grpc
+    from iat.ranking.v1 import ranking_pb2_grpc
+
+    from services.cpus import available_cpus
+
+    counts = _ints(args.workers, "workers")
+    n = max(_ints(args.history, "history"))
+    forward = {(r["candidates"], r["history"]): r["p50_ms"] for r in result["rows"] if r["method"] == "model"}
+    forward_cpu = {(r["candidates"], r["history"]): r.get("thread_cpu_p50_ms") for r in result["rows"]
+                   if r["method"] == "model" and args.threads == 1}  # one thread: its CPU time is all of it
+    cpus = available_cpus()
+    rng = np.random.default_rng(2)
+    rows = []
+    for workers in counts:
+        server = RankingProcess(model_dir, redis_url, args.threads, args.runtime,
+                                args.work_dir / f"ranking-{workers}w.log", workers=workers).wait_ready(180)
+        try:
+            for c in _ints(args.candidates, "candidates"):
+                message = to_proto(workload.request(f"bench-h{n}", REQUEST_TIME_MS, c, rng,
+                                                    context_user=workload.user_ids[0], request_id=f"s-{c}"))
+                channels = server.balanced_channels(args.concurrency, workers)
+                stubs = iter([ranking_pb2_grpc.RankingServiceStub(ch) for ch in channels])
+                local, pids, lock = threading.local(), set(), threading.Lock()
+
+                def call() -> None:
+                    stub = getattr(local, "stub", None)
+                    if stub is None:  # each client thread keeps one connection
+                        with lock:
+                            local.stub = stub = next(stubs)
+                    _, rpc = stub.Score.with_call(message, timeout=120)
+                    pids.add(dict(rpc.trailing_metadata()).get("iat-worker-pid"))
+
+                served_cpu = _tree_cpu_seconds(server.proc.pid)
+                sat = saturate(call, args.concurrency, args.saturation_s)
+                served_cpu = _tree_cpu_seconds(server.proc.pid) - served_cpu
+                for channel in channels:
+                    channel.close()
+                row = {"workers": workers, "candidates": c, "history": n, **sat, "workers_answering": len(pids),
+                       "cpus": cpus, "forward_p50_ms": forward.get((c, n)), "forward_cpu_ms": forward_cpu.get((c, n)),
+                       "server_cpus": served_cpu / sat["seconds"],
+                       "server_cpu_ms_per_request": 1e3 * served_cpu / max(sat["completed"], 1)}
+                if row["forward_p50_ms"]:
+                    row["ceiling_rps"] = cpus / (row["forward_p50_ms"] / 1e3)
+                    row["share_of_ceiling"] = sat["rps"] / row["ceiling_rps"]
+                if row["forward_cpu_ms"]:
+                    # the same goal in CPU time, which a shared machine does not inflate: the forward's
+                    # share of all the CPU the service spent per request
+                    row["forward_share_of_server_cpu"] = row["forward_cpu_ms"] / row["server_cpu_ms_per_request"]
+                rows.append(row)
+                print(f"workers={workers} C={c:<5d} n={n}: {sat['rps']:.1f} req/s over gRPC ({len(pids)} workers "
+                      f"answering, {sat['errors']} errors)"
+                      + (f", {row['share_of_ceiling']:.0%} of {cpus} cores / forward" if "share_of_ceiling" in row else ""),
+                      flush=True)
+        finally:
+            server.stop()
+    return rows
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its descendants so far."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def scaling_markdown(rows: list[dict]) -> str:
+    conc = rows[0]["concurrency"]
+    lines = [f"gRPC at saturation ({conc} requests in flight, one connection each, spread evenly over the workers) "
+             "by IAT_RANKING_WORKERS; "
+             "ceiling = available CPUs / forward p50 (the \"model\" column above, same cell). On a shared machine "
+             "the wall-clock ceiling assumes cores this run did not get; the CPU columns state the same goal in "
+             "CPU time: service CPU per request (every process of `iat serve ranking`, from psutil) against the "
+             "forward's own thread CPU time (one torch thread).", "",
+             "| workers | C | n | req/s | p50 / p99 ms under load | workers answering | errors | forward p50 ms | "
+             "ceiling req/s | req/s / ceiling | service CPUs used | service CPU ms / request | forward CPU ms | "
+             "forward / service CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {r['candidates']} | {r['history']} | {r['rps']:.1f} | "
+                     f"{r.get('loaded_p50_ms', float('nan')):.1f} / {r.get('loaded_p99_ms', float('nan')):.1f} | "
+                     f"{r['workers_answering']} | {r['errors']} | "
+                     + (f"{r['forward_p50_ms']:.2f} | {r['ceiling_rps']:.1f} | {r['share_of_ceiling']:.0%} | "
+                        if r.get("forward_p50_ms") else "- | - | - | ")
+                     + f"{r['server_cpus']:.2f} | {r['server_cpu_ms_per_request']:.2f} | "
+                     + (f"{r['forward_cpu_ms']:.2f} | {r['forward_share_of_server_cpu']:.0%} |"
+                        if r.get("forward_cpu_ms") else "- | - |"))
+    by = {(r["workers"], r["candidates"]): r["rps"] for r in rows}
+    counts = sorted({r["workers"] for r in rows})
+    if len(counts) > 1:
+        lines += ["", "Scaling, req/s at " + f"{counts[-1]} workers / at {counts[0]}: " + ", ".join(
+            f"C = {c}: {by[(counts[-1], c)] / by[(counts[0], c)]:.2f}x"
+            for c in sorted({r["candidates"] for r in rows}) if (counts[0], c) in by and (counts[-1], c) in by)]
+    return "\n".join(lines)
 
 
 def seed_histories(model_dir: Path, redis_url: str, histories: list[int], settings) -> dict[int, str]:
@@ -380,17 +525,20 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
             timings = {m: [] for m in timed}
             gc.collect()
             gc.freeze()  # as the warm service does
-            clock = time.perf_counter
+            clock, cpu_clock = time.perf_counter, time.thread_time
+            cpu = {m: [] for m in timed}  # this thread's CPU: the work itself, whatever else the machine ran
             for i in range(reps):
                 for name, call in timed.items():
                     if name.startswith("peer:") and i >= peer_reps:
                         continue
-                    s = clock()
+                    s, s_cpu = clock(), cpu_clock()
                     await call()
                     timings[name].append(clock() - s)
+                    cpu[name].append(cpu_clock() - s_cpu)
             gc.unfreeze()
             for name, ts in timings.items():
-                rows.append({"candidates": c, "history": n, "method": name, **percentiles(ts)})
+                rows.append({"candidates": c, "history": n, "method": name, **percentiles(ts),
+                             "thread_cpu_p50_ms": float(np.percentile(cpu[name], 50) * 1e3)})
             line = "  ".join(f"{m} {np.percentile(ts, 50) * 1e3:7.2f}" for m, ts in timings.items())
             print(f"C={c:<5d} n={n:<4d} p50 ms: {line}", flush=True)
             if args.saturation_s > 0:
@@ -487,7 +635,7 @@ def markdown(result: dict) -> str:
     rows = result["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     tp = {(t["candidates"], t["history"], t["protocol"]): t for t in result["throughput"]}
-    lines = ["| C | n | " + " | ".join(f"{m} p50 / p95 / p99 ms" for m in methods) + " |",
+    lines = ([machine_markdown(result["machine"]), ""] if result.get("machine") else []) + ["| C | n | " + " | ".join(f"{m} p50 / p95 / p99 ms" for m in methods) + " |",
              "|---|---|" + "---|" * len(methods)]
     cells = {(r["candidates"], r["history"], r["method"]): r for r in rows}
     keys = sorted({(r["candidates"], r["history"]) for r in rows}, key=lambda k: (k[1], k[0]))
@@ -505,6 +653,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {c} | {n} | " + " | ".join(
                 f"{v['rps']:.1f} ({v.get('loaded_p50_ms', float('nan')):.0f} / {v.get('loaded_p99_ms', float('nan')):.0f})"
                 if v else "-" for v in vals) + " |")
+    if result.get("scaling"):
+        lines += ["", scaling_markdown(result["scaling"])]
     rat = result["ratios"]
     if rat:
         extra = sorted({k for r in rat for k in r if k not in ("candidates", "history", "floor_p50_ms")})
@@ -549,11 +699,19 @@ def run(args: argparse.Namespace) -> int:
         url = embedded.url
     server = None
     methods = set(args.methods.split(","))
+    machine = MachineSampler().start()
     try:
         if methods & {"grpc", "rest"}:
-            server = RankingProcess(model_dir, url, args.threads, args.runtime, work / "ranking.log").wait_ready()
+            server = RankingProcess(model_dir, url, args.threads, args.runtime, work / "ranking.log",
+                                    workers=_ints(args.workers, "workers")[0]).wait_ready(180)
         result = asyncio.run(_measure(args, model_dir, url, workload, server))
+        if server:
+            server.stop()
+            server = None
+        if len(_ints(args.workers, "workers")) > 1 and args.saturation_s > 0:
+            result["scaling"] = scaling(args, model_dir, url, workload, result)
     finally:
+        machine.stop()
         if server:
             server.stop()
         if embedded is not None:
@@ -564,7 +722,8 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__, "threads": args.threads, "cpus": os.cpu_count(),
         "python": platform.python_version(), "machine": platform.machine(),
         "redis": "embedded (unix socket)" if embedded is not None else "REDIS URL given",
-        "model_dir": str(model_dir), "concurrency": args.concurrency,
+        "model_dir": str(model_dir), "concurrency": args.concurrency, "machine": machine.summary(),
+        "workers": args.workers,
     })
     return emit(result, args.json_path, markdown)
 

@@ -131,15 +131,18 @@ def _fmt(v, digits=2):
 
 def render(results: dict) -> str:
     from harness.bench_ranking import markdown as score_markdown
+    from harness.machine import machine_markdown
     from harness.bench_source import markdown as ingest_markdown
 
     meta = results["meta"]
     score = results.get("score")
+    machine = (machine_markdown(meta["machine"]) if meta.get("machine") else
+               f"Machine: {meta['cpus']} CPUs, Python {meta['python']}, torch {meta.get('torch', '?')} "
+               "(what else ran was not recorded by this run).")
     lines = [START, "## Served path: Score, ingest, peers (iat bench report)", "",
-             f"Command: `{meta['command']}` ({meta['date']}). Machine: {meta['cpus']} CPU cores, no GPU, "
-             f"Python {meta['python']}, torch {meta.get('torch', '?')}, shared with two other busy helpers "
-             "(absolute figures are noisy; every ratio below is from one run, methods interleaved). "
-             "One loopback redis-server 6.2 over TCP for everything (Feast's Redis store speaks TCP only).", ""]
+             f"Command: `{meta['command']}` ({meta['date']}). {machine} Every ratio below is from one run, "
+             "methods interleaved. One loopback redis-server 6.2 over TCP for everything (Feast's Redis store "
+             "speaks TCP only).", ""]
     if score:
         m = score["model"]
         lines += [f"### Score latency against its floor (`iat bench score`)", "",
@@ -153,7 +156,7 @@ def render(results: dict) -> str:
                   "inproc = `RankingServing.score`, grpc / rest = a real `iat serve ranking` on loopback, "
                   "peer:naive = `harness/peers/naive_server.py` (TorchScript `IATNaive` behind FastAPI, "
                   "history re-encoded per candidate; timed on fewer rounds).", "",
-                  score_markdown(score), ""]
+                  score_markdown({**score, "machine": None}), ""]
         lines += goals(results)
         prof = score.get("profile")
         if prof:
@@ -276,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from harness.bench_ranking import build_bench_models, default_quick_models
+    from harness.machine import MachineSampler
     from storage.connection import EmbeddedRedis
 
     skip = set(filter(None, args.skip.split(",")))
@@ -289,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"meta": {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
                         "python": platform.python_version(), "torch": torch.__version__}}
     naive = None
+    machine = MachineSampler().start()
     try:
         if "score" not in skip:
             score_cmd = _iat("bench", "score", "--model-dir", str(model_dir), "--redis-url", redis.url,
@@ -314,9 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         if "fetch" not in skip and "score" not in skip:  # the users are the ones bench score seeded
             results["fetch"] = fetch_peer(args, redis, model_dir, work)
     finally:
+        machine.stop()
         if naive:
             naive[0].kill()
         redis.stop()
+    results["meta"]["machine"] = machine.summary()
     attach_locust(results)
     if args.notes:
         results["notes"] = args.notes.read_text()

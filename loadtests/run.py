@@ -28,6 +28,7 @@ from harness.bench_ranking import (
     default_data_dir,
     default_quick_models,
 )
+from harness.machine import MachineSampler, machine_markdown
 from harness.processes import ServiceProcess, free_port
 
 
@@ -64,9 +65,10 @@ def read_stats(csv_path: Path) -> list[dict]:
 def summary_markdown(stats: list[dict], meta: dict) -> str:
     run = (f"until {meta['until_requests']} answers of each kind (deadline {meta['duration']})"
            if meta.get("until_requests") else meta["duration"])
+    machine = (" " + machine_markdown(meta["machine"])) if meta.get("machine") else ""
     lines = [f"Locust {run} headless, {meta['users']} users (Locust class weights gRPC:REST:ingest = 3:1:1), "
              f"{meta['max_users']} seeded MovieLens users, {meta['candidates']} candidates, model {meta['model']}; "
-             f"{meta['cpus']} CPUs shared by Locust, Redis and the three services.", "",
+             f"{meta['cpus']} CPUs shared by Locust, Redis and the three services.{machine}", "",
              "| type | name | requests | failures | req/s | p50 ms | p95 ms | p99 ms |",
              "|---|---|---|---|---|---|---|---|"]
     for row in stats:
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration, "--host", ranking.base_url,
                "--csv", str(prefix), "--only-summary", "--stop-timeout", "10"]
         print(" ".join(cmd), flush=True)
-        rc = subprocess.call(cmd, env=locust_env)
+        with MachineSampler() as machine:
+            rc = subprocess.call(cmd, env=locust_env)
         if rc not in (0, 1):  # 1: some requests failed (reported in the CSVs); 3: --until-requests not met
             return rc
     finally:
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "candidates": args.candidates.replace(",", "-"), "cpus": os.cpu_count(), "python": platform.python_version(),
             "model": f"iat L={manifest['max_history']} ({manifest['training']['dataset']})",
             "command": "python -m loadtests.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "locust_command": " ".join(cmd)}
+            "locust_command": " ".join(cmd), "machine": machine.summary()}
     stats = read_stats(Path(f"{prefix}_stats.csv"))
     text = summary_markdown(stats, meta)
     (out / "locust-summary.md").write_text(text + "\n")

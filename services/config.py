@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     degrade_on_store_error: bool = False
     default_model: str | None = None
     model_threads: int = Field(default=2, gt=0)
+    # Several processes serve Score on the same gRPC and HTTP ports (SO_REUSEPORT), so that
+    # throughput scales with cores past one process's GIL (services/ranking/workers.py).
+    ranking_workers: int = Field(default=1, gt=0, description="ranking service processes sharing its ports")
+    # Where the ranking workers' Prometheus values meet (prometheus_client multiprocess mode);
+    # unset: a fresh temporary directory per `iat serve ranking` with more than one worker.
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None, validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "IAT_PROMETHEUS_MULTIPROC_DIR"))
     reload_interval_s: float = Field(default=10.0, ge=0, description="0 disables hot reload")
     redis_timeout_s: float = Field(default=1.0, gt=0)
 

@@ -98,15 +98,16 @@ def available_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROU
     return max(1, cpus)
 
 
-def intra_op_threads(setting: int, workers: int, cpus: int) -> int:
-    """``setting`` when positive (IAT_TORCH_THREADS), else the CPUs shared out among the model
-    workers that run forwards concurrently, at least one each."""
+def intra_op_threads(setting: int, workers: int, cpus: int, processes: int = 1) -> int:
+    """``setting`` when positive (IAT_TORCH_THREADS), else the CPUs shared out among the
+    ``processes`` serving processes (IAT_RANKING_WORKERS) and, within each, the model workers
+    that run forwards concurrently, at least one each."""
     if setting > 0:
         return setting
-    return max(1, cpus // max(1, workers))
+    return max(1, cpus // (max(1, processes) * max(1, workers)))
 
 
-def configure_torch_threads(setting: int, workers: int) -> int:
+def configure_torch_threads(setting: int, workers: int, processes: int = 1) -> int:
     """Sets torch's intra-op threads for this process, before any model runs (a thread takes
     the value when it first runs torch: executor threads started later inherit it), publishes
     the choice as the ``iat_torch_threads`` gauge and returns it."""
@@ -115,11 +116,12 @@ def configure_torch_threads(setting: int, workers: int) -> int:
     from services import metrics
 
     cpus = available_cpus()
-    threads = intra_op_threads(setting, workers, cpus)
+    threads = intra_op_threads(setting, workers, cpus, processes)
     torch.set_num_threads(threads)
     metrics.TORCH_THREADS.set(threads)
     metrics.CPUS_AVAILABLE.set(cpus)
-    how = "IAT_TORCH_THREADS" if setting > 0 else f"{cpus} CPUs available / {workers} model worker(s)"
+    how = ("IAT_TORCH_THREADS" if setting > 0 else
+           f"{cpus} CPUs available / {processes} process(es) / {workers} model worker(s) each")
     log.info("torch intra-op threads: %d (%s)", threads, how)
     return threads
 

@@ -6,6 +6,7 @@ so that `grpcurl` and load balancers work out of the box.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import grpc
@@ -20,6 +21,8 @@ from services.security import BearerTokenInterceptor
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+# Which of several worker processes on the port answered (IAT_RANKING_WORKERS).
+WORKER_PID_KEY = "iat-worker-pid"
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -32,6 +35,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         try:
             query = query_from_proto(request)
             result = await self.serving.score(query, timeout_s=context.time_remaining())
+            context.set_trailing_metadata(((WORKER_PID_KEY, str(os.getpid())),))
             return result_to_proto(result)
         except ScoreError as err:
             status = err.grpc_code.name
@@ -44,8 +48,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             metrics.SCORE_LATENCY.labels("grpc", status).observe(time.perf_counter() - start)
 
 
-async def start_grpc_server(serving, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def start_grpc_server(serving, host: str, port: int, reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
     """Start the aio server; return it and the bound port (port 0 picks a free one).
+
+    ``reuse_port``: bind with SO_REUSEPORT, so that the other workers of this service bind the
+    same port and the kernel spreads connections among them; off, a port already taken is an
+    error instead of a silent share with whoever holds it.
 
     A message over IAT_GRPC_MAX_RECEIVE_BYTES is refused by gRPC itself (RESOURCE_EXHAUSTED)
     before it is parsed; with IAT_API_TOKEN set, Score needs ``authorization: Bearer <token>``.
@@ -55,7 +63,7 @@ async def start_grpc_server(serving, host: str, port: int) -> tuple[grpc.aio.Ser
         interceptors=[BearerTokenInterceptor(token)] if token else None,
         options=[
             ("grpc.max_receive_message_length", serving.settings.grpc_max_receive_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(serving), server)
