@@ -5,9 +5,15 @@
 For each (candidates C, history n) cell the following are timed round-robin in one run, so that a
 noisy neighbour hits all of them alike:
   fetch    the fused history read alone (``AsyncInstanceStore.read_history``, one round trip)
-  assemble the candidates' featurization alone (``Featurizer.encode``)
+  assemble the gRPC message to validated arrays as the service does it (``query_from_proto``,
+           header checks, cached item rows, ``Featurizer.assemble``)
+  assemble:previous  the same the way it was done before (``harness.previous``: dicts and
+           checks per candidate, encoding per field and candidate); equal arrays
   model    the model forward alone (``RankingModel.score`` on ready arrays)
-  inproc   ``RankingServing.score`` in this process (fetch -> assemble -> model, what both routers call)
+  model:previous  the same with the previous formulation (``harness.naive.IATPerCandidate``)
+  inproc   ``RankingServing.score`` in this process (fetch -> assemble -> model, what both routers
+           call); the same user every call, so after the first a history-cache hit
+  inproc:miss  the same with the history cache off (every call decodes and prepares)
   grpc     Score over gRPC to a real ``iat serve ranking`` process on loopback
   rest     POST /v1/score to the same process
   peer:*   any ``--peer NAME=URL`` speaking the REST JSON (e.g. the naive FastAPI peer of
@@ -198,7 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=None, help="default: a fresh embedded redis-server (unix socket)")
     parser.add_argument("--candidates", default=",".join(map(str, CANDIDATES)))
     parser.add_argument("--history", default=",".join(map(str, HISTORIES)))
-    parser.add_argument("--methods", default="fetch,assemble,model,inproc,grpc,rest")
+    parser.add_argument("--methods", default="fetch,assemble,assemble:previous,model,model:previous,inproc,inproc:miss,grpc,rest")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed rounds per cell")
     parser.add_argument("--min-reps", type=int, default=10)
     parser.add_argument("--max-reps", type=int, default=300)
@@ -303,8 +309,10 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
     import httpx
     from iat.ranking.v1 import ranking_pb2_grpc
 
+    from harness.previous import previous_assemble
     from services.ranking.main import build_serving
-    from services.ranking.protocol import ScoreRequestModel, query_from_model
+    from services.ranking.protocol import query_from_proto, validate_header
+    from services.ranking.serving import RankingServing
 
     settings = Settings(redis_url=redis_url, model_dir=model_dir, runtime=args.runtime, reload_interval_s=0)
     cands, hists = _ints(args.candidates, "candidates"), _ints(args.history, "history")
@@ -313,6 +321,8 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
     serving = await build_serving(settings)
     model = serving.registry.get("")
     store = serving.store_for(model)
+    no_cache = RankingServing(settings.model_copy(update={"history_cache_mb": 0.0}), serving.registry, serving.client)
+    previous_model = _previous_model(model) if "model:previous" in methods else None
     channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") if server else None
     stub = ranking_pb2_grpc.RankingServiceStub(channel) if channel else None
     http = httpx.Client(timeout=120)
@@ -326,27 +336,43 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
         for c in cands:
             body = workload.request(users[n], REQUEST_TIME_MS, c, rng, context_user=context_user, request_id=f"b-{c}-{n}")
             message = to_proto(body)
-            query = query_from_model(ScoreRequestModel(**body))
+            query = query_from_proto(message)
             limit = model.max_history
             fetched = await store.read_history(users[n], REQUEST_TIME_MS, limit, expected_source_version=model.source_version)
             assert len(fetched) == min(n, limit), f"seeded history of {users[n]}: {len(fetched)} != {min(n, limit)}"
             inputs = fetched
-            encode_args = (query.user_id, query.request_time_ms, query.item_ids, query.context.categorical,
-                           query.context.numeric, [f.categorical for f in query.candidate_features],
-                           [f.numeric for f in query.candidate_features])
-            cat, multi, num = model.featurizer.encode(*encode_args)
+            max_candidates = settings.max_candidates
+
+            def served_assemble():
+                q = query_from_proto(message)
+                validate_header(q, max_candidates=max_candidates)
+                return serving._featurize(model, q)
+
+            cat, multi, num = served_assemble()
+            for got, ref in zip((cat, multi, num), previous_assemble(model.featurizer, message, max_candidates)):
+                assert got.dtype == ref.dtype and np.array_equal(got, ref), "assemble differs from the previous way"
 
             async def fetch():
                 await store.read_history(users[n], REQUEST_TIME_MS, limit, expected_source_version=model.source_version)
 
             async def assemble():
-                model.featurizer.encode(*encode_args)
+                served_assemble()
+
+            async def assemble_previous():
+                previous_assemble(model.featurizer, message, max_candidates)
 
             async def forward():
                 model.score(inputs, REQUEST_TIME_MS, cat, multi, num)
 
+            async def forward_previous():
+                previous_model.score(inputs, REQUEST_TIME_MS, cat, multi, num)
+
             async def inproc():
                 result = await serving.score(query, None)
+                assert result.history_length == min(n, limit)
+
+            async def inproc_miss():
+                result = await no_cache.score(query, None)
                 assert result.history_length == min(n, limit)
 
             def grpc_call():
@@ -361,8 +387,9 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
             async def sync(fn):
                 fn()
 
-            calls = {"fetch": fetch, "assemble": assemble, "model": forward, "inproc": inproc,
-                     "grpc": lambda: sync(grpc_call), "rest": lambda: sync(rest_call)}
+            calls = {"fetch": fetch, "assemble": assemble, "assemble:previous": assemble_previous,
+                     "model": forward, "model:previous": forward_previous, "inproc": inproc,
+                     "inproc:miss": inproc_miss, "grpc": lambda: sync(grpc_call), "rest": lambda: sync(rest_call)}
             calls = {m: calls[m] for m in methods if m in calls and (server or m not in ("grpc", "rest"))}
             peer_calls = {f"peer:{name}": (lambda url=url: sync(lambda: rest_call(url)))
                           for name, url in peers.items() if c in peer_cands}
@@ -380,8 +407,10 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
             gc.collect()
             gc.freeze()  # as the warm service does
             clock = time.perf_counter
+            order = list(timed.items())
             for i in range(reps):
-                for name, call in timed.items():
+                # the order alternates: whoever runs first in a round finds colder caches
+                for name, call in (order if i % 2 == 0 else reversed(order)):
                     if name.startswith("peer:") and i >= peer_reps:
                         continue
                     s = clock()
@@ -418,6 +447,29 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
     info = {"name": model.name, "version": model.version, "max_history": model.max_history,
             "runtime": model.runtime, "source_version": model.source_version}
     return {"rows": rows, "throughput": throughput, "model": info, "profile": profile}
+
+
+def _previous_model(model):
+    """A copy of the served ``RankingModel`` whose forward is the previous formulation (same
+    weights, same runtime where it is TorchScript or eager)."""
+    import copy
+    import json
+    import warnings
+
+    import torch
+
+    from harness.naive import IATPerCandidate
+    from models.export import example_inputs
+
+    module = IATPerCandidate(json.loads((model.path / "config.json").read_text())).eval()
+    module.load_state_dict(torch.load(model.path / "weights.pt", weights_only=True))
+    previous = copy.copy(model)
+    if model.runtime == "torchscript":
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # static-size checks only
+            module = torch.jit.trace(module, example_inputs(module), check_trace=False)
+    previous._runner, previous._split = module, None
+    return previous
 
 
 async def _profile(args, serving, workload, users, n, rng, context_user) -> dict:
@@ -467,9 +519,12 @@ def ratios(rows: list[dict], throughput: list[dict]) -> list[dict]:
             continue
         floor = fetch["p50_ms"] + model["p50_ms"]
         row = {"candidates": c, "history": n, "floor_p50_ms": floor}
-        for m in ("inproc", "grpc", "rest"):
+        for m in ("inproc", "inproc:miss", "grpc", "rest"):
             if (c, n, m) in by:
                 row[f"{m}_over_floor_p50"] = by[(c, n, m)]["p50_ms"] / floor
+        for slow, fast in (("assemble:previous", "assemble"), ("model:previous", "model"), ("inproc:miss", "inproc")):
+            if (c, n, slow) in by and (c, n, fast) in by:
+                row[f"{slow}_over_{fast}_p50"] = by[(c, n, slow)]["p50_ms"] / by[(c, n, fast)]["p50_ms"]
         for key in list(by):
             if key[:2] == (c, n) and key[2].startswith("peer:"):
                 name = key[2]
