@@ -5,7 +5,8 @@
 - Histories: real source, sequencer and ranking processes, a real Redis, the MovieLens quick
   models. A second Score of a user whose stored history did not change hits the cache (metric)
   and returns identical scores; ingesting one more instance before the request time changes
-  the stored history, so the next Score misses and reads it.
+  the stored history, so the next Score misses and reads it; so does an older instance arriving
+  late, which leaves the newest instance before the request time as it was.
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def _lookups(ranking) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def history_stack(movielens_models, start_module_service, tmp_path_factory, raw):
     """Redis, source, sequencer and one ranking process per runtime; a user with a stored
-    history of 8 instances and two more instances to come."""
+    history of 7 instances (the first 8 of the timeline but the 4th) and more to come."""
     redis_server = EmbeddedRedis(directory=tmp_path_factory.mktemp("redis-history-cache")).start()
     client = connect(redis_server.url, cluster=False)
     env = {"REDIS_URL": redis_server.url, "IAT_MODEL_DIR": str(movielens_models.model_dir),
@@ -139,7 +140,7 @@ def history_stack(movielens_models, start_module_service, tmp_path_factory, raw)
     # a trained user (quick models: the first 300 ids) with distinct, increasing timestamps
     user = next(u for u, rows in by_user.items() if len(rows) >= 12 and len({r["timestamp_ms"] for r in rows[:11]}) == 11)
     timeline = by_user[user]
-    response = httpx.post(source.base_url + "/v1/instances", json={"instances": timeline[:8]}, timeout=120)
+    response = httpx.post(source.base_url + "/v1/instances", json={"instances": timeline[:3] + timeline[4:8]}, timeout=120)
     assert response.status_code == 200, response.text
     _wait_sequenced(client)
     yield {"source": source, "client": client, "timeline": timeline, "rankings": rankings}
@@ -152,10 +153,12 @@ def history_stack(movielens_models, start_module_service, tmp_path_factory, raw)
 def test_same_stored_history_hits_the_cache_and_a_new_instance_misses(history_stack):
     timeline = history_stack["timeline"]
     request = _proto_request(timeline[0], timeline[:100], request_time_ms=timeline[10]["timestamp_ms"])
+    previous = {}
     for runtime, (ranking, stub, _) in history_stack["rankings"].items():
         before = _lookups(ranking)
         first = stub.Score(request, timeout=60)
-        assert first.history_length == 8
+        assert first.history_length == 7
+        previous[runtime] = list(first.scores)
         after_first = _lookups(ranking)
         assert after_first["miss"] == before["miss"] + 1, runtime
 
@@ -175,20 +178,25 @@ def test_same_stored_history_hits_the_cache_and_a_new_instance_misses(history_st
         assert rest.json()["scores"] == pytest.approx(list(first.scores), abs=0)
         assert _lookups(ranking)["hit"] == after_second["hit"] + 1, runtime
 
-    # One more instance before the request time: the stored history changed, every process misses.
-    response = httpx.post(history_stack["source"].base_url + "/v1/instances",
-                          json={"instances": [timeline[8]]}, timeout=120)
-    assert response.status_code == 200, response.text
-    _wait_sequenced(history_stack["client"])
-    for runtime, (ranking, stub, _) in history_stack["rankings"].items():
-        before = _lookups(ranking)
-        third = stub.Score(request, timeout=60)
-        after = _lookups(ranking)
-        assert third.history_length == 9, runtime
-        assert after["miss"] == before["miss"] + 1 and after["hit"] == before["hit"], runtime
-        fourth = stub.Score(request, timeout=60)
-        assert _lookups(ranking)["hit"] == after["hit"] + 1, runtime
-        assert list(fourth.scores) == list(third.scores), runtime
+    # One more instance before the request time (the newest), then an older one arriving late
+    # (the newest stays the same): each changes the stored history, every process misses once
+    # and then hits again, and scores move.
+    for arriving, length in ((timeline[8], 8), (timeline[3], 9)):
+        response = httpx.post(history_stack["source"].base_url + "/v1/instances",
+                              json={"instances": [arriving]}, timeout=120)
+        assert response.status_code == 200, response.text
+        _wait_sequenced(history_stack["client"])
+        for runtime, (ranking, stub, _) in history_stack["rankings"].items():
+            before = _lookups(ranking)
+            third = stub.Score(request, timeout=60)
+            after = _lookups(ranking)
+            assert third.history_length == length, runtime
+            assert after["miss"] == before["miss"] + 1 and after["hit"] == before["hit"], runtime
+            assert list(third.scores) != previous[runtime], runtime
+            fourth = stub.Score(request, timeout=60)
+            assert _lookups(ranking)["hit"] == after["hit"] + 1, runtime
+            assert list(fourth.scores) == list(third.scores), runtime
+            previous[runtime] = list(third.scores)
 
 
 def test_bad_candidates_are_named_as_before_whether_cached_or_not(history_stack):
