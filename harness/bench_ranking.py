@@ -18,6 +18,9 @@ noisy neighbour hits all of them alike:
   rest     POST /v1/score to the same process
   peer:*   any ``--peer NAME=URL`` speaking the REST JSON (e.g. the naive FastAPI peer of
            ``harness/peers/naive_server.py``); timed on fewer rounds when it is slow
+  grpc:*   any ``--grpc-peer NAME=HOST:PORT`` serving the same Score over gRPC, on the same store
+           (e.g. ``iat serve ranking`` of another checkout: before/after in one run); timed
+           every round like ``grpc``, and its scores checked equal to ``grpc``'s within 1e-5
 The floor is p50(fetch) + p50(model): what a Score cannot beat without a faster store read or
 model. After the latency rounds, each protocol is driven at saturation (``--concurrency``
 requests in flight for ``--saturation-s`` seconds) for its throughput.
@@ -215,6 +218,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at saturation")
     parser.add_argument("--peer", action="append", default=[], metavar="NAME=URL",
                         help="another Score endpoint speaking the REST JSON, timed alongside (repeatable)")
+    parser.add_argument("--grpc-peer", action="append", default=[], metavar="NAME=HOST:PORT",
+                        help="another gRPC Score server on the same store, timed every round (repeatable)")
     parser.add_argument("--peer-candidates", default="100,500", help="cells (candidates) where peers are timed")
     parser.add_argument("--peer-max-reps", type=int, default=12)
     parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
@@ -327,6 +332,8 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
     stub = ranking_pb2_grpc.RankingServiceStub(channel) if channel else None
     http = httpx.Client(timeout=120)
     peers = dict(p.split("=", 1) for p in args.peer)
+    grpc_peers = {name: grpc.insecure_channel(target) for name, target in (p.split("=", 1) for p in args.grpc_peer)}
+    grpc_stubs = {name: ranking_pb2_grpc.RankingServiceStub(ch) for name, ch in grpc_peers.items()}
     peer_cands = set(_ints(args.peer_candidates, "peer-candidates"))
     rng = np.random.default_rng(1)
     context_user = workload.user_ids[0]
@@ -379,6 +386,17 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
                 response = stub.Score(message, timeout=120)
                 assert response.history_length == min(n, limit)
 
+            def grpc_peer_call(peer_stub):
+                response = peer_stub.Score(message, timeout=120)
+                assert response.history_length == min(n, limit)
+                return response
+
+            if stub is not None:  # a peer serving another build must give the same scores
+                want = np.asarray(stub.Score(message, timeout=120).scores)
+                for name, peer_stub in grpc_stubs.items():
+                    got = np.asarray(grpc_peer_call(peer_stub).scores)
+                    assert np.abs(got - want).max() <= 1e-5, f"grpc:{name} scores differ from grpc's"
+
             def rest_call(url=None):
                 response = http.post(url or server.base_url + "/v1/score", json=body)
                 if response.status_code != 200:
@@ -393,6 +411,8 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
             calls = {m: calls[m] for m in methods if m in calls and (server or m not in ("grpc", "rest"))}
             peer_calls = {f"peer:{name}": (lambda url=url: sync(lambda: rest_call(url)))
                           for name, url in peers.items() if c in peer_cands}
+            calls.update({f"grpc:{name}": (lambda s=peer_stub: sync(lambda: grpc_peer_call(s)))
+                          for name, peer_stub in grpc_stubs.items()})
             timed = {**calls, **peer_calls}
             for _ in range(args.warmup):
                 for call in timed.values():
@@ -430,6 +450,8 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
                 for name, url in peers.items():
                     if c in peer_cands:
                         loads[f"peer:{name}"] = lambda url=url: rest_call(url)
+                for name, peer_stub in grpc_stubs.items():
+                    loads[f"grpc:{name}"] = lambda s=peer_stub: grpc_peer_call(s)
                 for name, call in loads.items():
                     sat = saturate(call, args.concurrency, args.saturation_s)
                     throughput.append({"candidates": c, "history": n, "protocol": name, **sat})
@@ -442,6 +464,8 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
     http.close()
     if channel:
         channel.close()
+    for peer_channel in grpc_peers.values():
+        peer_channel.close()
     serving.executor.shutdown(wait=False)
     await serving.client.aclose()
     info = {"name": model.name, "version": model.version, "max_history": model.max_history,
@@ -526,6 +550,10 @@ def ratios(rows: list[dict], throughput: list[dict]) -> list[dict]:
             if (c, n, slow) in by and (c, n, fast) in by:
                 row[f"{slow}_over_{fast}_p50"] = by[(c, n, slow)]["p50_ms"] / by[(c, n, fast)]["p50_ms"]
         for key in list(by):
+            if key[:2] == (c, n) and key[2].startswith("grpc:"):
+                row[f"{key[2]}_over_floor_p50"] = by[key]["p50_ms"] / floor
+                if (c, n, "grpc") in by:
+                    row[f"{key[2]}_over_grpc_p50"] = by[key]["p50_ms"] / by[(c, n, "grpc")]["p50_ms"]
             if key[:2] == (c, n) and key[2].startswith("peer:"):
                 name = key[2]
                 for m in ("grpc", "rest"):
