@@ -8,12 +8,11 @@ single-query attentions) with the same weights. On the session's serving set (re
 rows, tests/models/conftest.py), for 1, 100 and 500 candidates, empty, short and full
 histories, with all labels known and with unknown (-1) history labels, every runtime's scores
 equal the previous formulation's within 1e-5; so does the runtime's reuse of an encoded user
-state across request times.
+state across request times (eager, and the exported TorchScript, which holds the two halves).
 """
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -98,7 +97,7 @@ def _check(model, previous, requests, name):
 @pytest.mark.parametrize("runtime", ["eager", "torchscript"])
 def test_every_runtime_equals_the_per_candidate_formulation(loaded, previous, requests, runtime):
     model = loaded[runtime]["iat"]
-    assert model.reuses_user_state == (runtime == "eager")  # the exported TorchScript holds forward only
+    assert model.reuses_user_state  # the exported TorchScript holds the two halves beside forward
     _check(model, previous, requests, runtime)
 
 
@@ -119,26 +118,10 @@ def test_the_module_halves_equal_its_forward_on_arbitrary_rows(loaded, previous)
             torch.testing.assert_close(halves, previous._runner(*inputs), atol=1e-5, rtol=0)
 
 
-def _traced_with_halves(module, path):
-    """TorchScript of the module with its two halves traced beside forward, saved and loaded."""
-    from models.export import example_inputs
-    inputs = example_inputs(module)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        state = module.user_state(*inputs[:6])
-        traced = torch.jit.trace_module(module, {"forward": inputs, "user_state": inputs[:6],
-                                                 "score_user": (*state, *inputs[6:])}, check_trace=False)
-    traced.save(str(path))
-    return torch.jit.load(str(path)).eval()
-
-
-@pytest.mark.parametrize("runtime", ["eager", "torchscript-halves"])
+@pytest.mark.parametrize("runtime", ["eager", "torchscript"])
 def test_a_user_state_is_reused_across_request_times_until_its_age_buckets_move(
-        serving_run, previous, requests, runtime, tmp_path):
-    version = serving_run[3]["iat"]
-    model = load_ranking_model(version, "eager", "cpu")
-    if runtime == "torchscript-halves":
-        model._runner = model._split = _traced_with_halves(model._runner, tmp_path / "halves.pt")
+        serving_run, previous, requests, runtime):
+    model = load_ranking_model(serving_run[3]["iat"], runtime, "cpu")
     assert model.reuses_user_state
     history, t, cat, multi, num = requests[("unknown", "full", 100)]
     history = history.select(history.timestamps_ms < t)  # what the store returns for t: the same later
