@@ -207,9 +207,9 @@ class RankingModel(_Loaded):
         self.kind = manifest.kind
         self.max_history = manifest.max_history
         self.source_version = manifest.source_version
-        # The runner's user/candidate halves when it has them (the eager module; a TorchScript
-        # module traced with those methods): then a user state is encoded once per history
-        # and age buckets, not once per request.
+        # The runner's user/candidate halves when it has them (the eager module, and TorchScript
+        # exported with those methods; not AOTI): then a user state is encoded once per
+        # history and age buckets, not once per request.
         self._split = runner if (self.kind == "iat" and hasattr(runner, "user_state")
                                  and hasattr(runner, "score_user")) else None
 
@@ -267,8 +267,9 @@ class RankingModel(_Loaded):
 
     def score_prepared(self, prepared: PreparedHistory, request_time_ms: int, cat: np.ndarray,
                        multi: np.ndarray, num: np.ndarray) -> np.ndarray:
-        """``score`` of a ``prepare``d history: a request time at or after the one it was
-        prepared for whose fetch returned the same records (all strictly earlier than both)."""
+        """``score`` of a ``prepare``d history, for any request time whose history read returned
+        the same records (all strictly earlier than both request times, so the truncation keeps
+        them all); the age buckets are recomputed here for ``request_time_ms``."""
         cat, multi, num = self._features(cat, multi, num)
         c = cat.shape[0]
         if c == 0:

@@ -20,8 +20,8 @@ store's one-round-trip read returned, joined, as bytes). It is exact by construc
   buckets: ``RankingModel.score_prepared`` re-encodes a cached user state when they moved.
 
 The read still happens on every Score (it is what says whether the history changed); a hit
-skips decoding, truncating and padding, and where the runtime has the user-state half, the
-history encoding. Nothing is ever invalidated: a changed history has another key, and the
+skips decoding, truncating and padding, and where the runtime has the user-state half (eager,
+TorchScript; not AOTI), the history encoding. Nothing is ever invalidated: a changed history has another key, and the
 stale entry ages out of the LRU. Bounded in bytes (key, arrays and any encoded state counted).
 Used from the event loop's thread only.
 """
