@@ -97,6 +97,30 @@ def test_item_encodings_equal_encoding_every_candidate_and_stay_bounded(movielen
 
 # ------------------------------------------------------------------------ history cache
 
+def test_history_cache_stays_within_its_bytes_least_recently_used_first_out():
+    from models.runtime.loader import PreparedHistory
+    from services.ranking.history_cache import ENTRY_OVERHEAD_BYTES, CachedHistory, HistoryCache
+
+    def entry():
+        return CachedHistory(PreparedHistory((np.zeros(1000, np.uint8),), 1, 0), incompatible=0)
+
+    records = b"r" * 24
+    size = len(records) + 1 + 1000 + ENTRY_OVERHEAD_BYTES  # key bytes, arrays, overhead
+    cache = HistoryCache(3 * size)
+    keys = [("iat", "v1", 256, 1, records + bytes([i])) for i in range(4)]
+    for key in keys[:3]:
+        cache.put(key, entry())
+    assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
+    assert cache.get(keys[0]) is not None  # now the most recently used
+    cache.put(keys[3], entry())  # over the bound: the least recently used (keys[1]) goes
+    assert cache.get(keys[1]) is None and all(cache.get(k) is not None for k in (keys[0], keys[2], keys[3]))
+    assert cache.nbytes <= cache.max_bytes
+    big = CachedHistory(PreparedHistory((np.zeros(10 * size, np.uint8),), 1, 0), incompatible=0)
+    cache.put(("iat", "v1", 256, 1, b"big"), big)  # larger than the whole cache: not kept, nothing evicted
+    assert len(cache) == 3 and cache.get(("iat", "v1", 256, 1, b"big")) is None
+    assert not HistoryCache(0).enabled
+
+
 def _wait_sequenced(client, timeout_s=120.0):
     stream = InstanceStream(client)
     deadline = time.monotonic() + timeout_s
