@@ -65,7 +65,6 @@ __all__ = [
     "latest_version",
     "load_ranking_model",
     "load_source_model",
-    "offline_scores",
 ]
 
 

@@ -99,7 +99,11 @@ def test_item_encodings_equal_encoding_every_candidate_and_stay_bounded(movielen
 
 def test_history_cache_stays_within_its_bytes_least_recently_used_first_out():
     from models.runtime.loader import PreparedHistory
-    from services.ranking.history_cache import ENTRY_OVERHEAD_BYTES, CachedHistory, HistoryCache
+    from services.ranking.history_cache import (
+        ENTRY_OVERHEAD_BYTES,
+        CachedHistory,
+        HistoryCache,
+    )
 
     def entry():
         return CachedHistory(PreparedHistory((np.zeros(1000, np.uint8),), 1, 0), incompatible=0)
