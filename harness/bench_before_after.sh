@@ -16,8 +16,9 @@ from pathlib import Path; from harness.bench_ranking import build_bench_models
 build_bench_models(Path('$QUICK'), Path('$WORK/base-models'))")
 rm -f "$WORK/redis.url"
 PYTHONPATH="$HERE" $PY -c "
-import time; from pathlib import Path; from storage.connection import EmbeddedRedis
+import signal, sys, time; from pathlib import Path; from storage.connection import EmbeddedRedis
 r = EmbeddedRedis(directory=Path('$WORK/redis')).start(); Path('$WORK/redis.url').write_text(r.url)
+signal.signal(signal.SIGTERM, lambda *_: (r.stop(), sys.exit(0)))  # the redis-server goes with it
 time.sleep(86400)" & REDIS_PID=$!
 port() { $PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
 GRPC_PORT=$(port); HTTP_PORT=$(port)
