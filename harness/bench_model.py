@@ -1,5 +1,6 @@
-"""`iat bench model`: forward latency of the IAT ranking model per runtime, and the shared-history
-model against the naive one (every candidate re-encodes the sequence), measured in one run.
+"""`iat bench model`: forward latency of the IAT ranking model per runtime, against the naive
+model (every candidate re-encodes the sequence) and the previous formulation (the user side done
+per candidate: ``harness.naive.IATPerCandidate``), measured in one run.
 
     iat bench model --json model.json            # same as: python -m harness.bench_model --json model.json
 
@@ -7,8 +8,12 @@ What is timed is ``RankingModel.score`` (numpy in, numpy out: truncation, paddin
 conversion and the forward), as the ranking service calls it. Shapes come from the synthetic
 generator's schema and the experiment's default ``ModelConfig`` (L = 256); weights are random
 (latency does not depend on them). The naive model has the same weights and the same call path;
-only its forward re-encodes the history once per candidate. Runtimes are interleaved
-round-robin within each (candidates, history) cell so that a noisy neighbour hits all alike.
+only its forward re-encodes the history once per candidate. ``previous`` is the formulation
+served before the user side was computed once per request, same weights, same call path.
+``shared-reuse`` (eager) is ``RankingModel.score_prepared`` on a history prepared and encoded
+by an earlier call: what a history-cache hit costs the model. Runtimes are interleaved
+round-robin within each (candidates, history) cell so that a noisy neighbour hits all alike,
+in an order that reverses every round (the first of a round finds colder caches).
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated shared-model runtimes (default: all three)")
     parser.add_argument("--naive-runtimes", default="eager,torchscript",
                         help="runtimes of the naive (re-encode per candidate) model")
+    parser.add_argument("--previous-runtimes", default="eager,torchscript",
+                        help="runtimes of the previous formulation (user side per candidate)")
     parser.add_argument("--candidates", default=",".join(map(str, CANDIDATES)))
     parser.add_argument("--history", default=",".join(map(str, HISTORIES)))
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per runtime and cell")
@@ -90,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from contract.history import History
-    from harness.naive import IATNaive
+    from harness.naive import IATNaive, IATPerCandidate
     from models.export import example_inputs
     from models.runtime.loader import load_ranking_model
 
@@ -100,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     machine = MachineSampler().start()
     runtimes = [r for r in args.runtimes.split(",") if r]
     naive_runtimes = [r for r in args.naive_runtimes.split(",") if r]
+    previous_runtimes = [r for r in args.previous_runtimes.split(",") if r]
     cands = [int(c) for c in args.candidates.split(",")]
     hists = [int(h) for h in args.history.split(",")]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="iat-bench-model-"))
@@ -107,19 +115,23 @@ def run(args: argparse.Namespace) -> int:
 
     models = {("shared", rt): load_ranking_model(version, rt, "cpu") for rt in runtimes}
     config = json.loads((version / "config.json").read_text())
-    naive = IATNaive(config).eval()
-    naive.load_state_dict(torch.load(version / "weights.pt", weights_only=True))
-    for rt in naive_runtimes:
-        m = load_ranking_model(version, "eager", "cpu")  # same call path, naive forward
-        if rt == "torchscript":
-            import warnings
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # static-size checks only
-                m._runner = torch.jit.trace(naive, example_inputs(naive), check_trace=False)
-        else:
-            m._runner = naive
-        m.runtime = rt
-        models[("naive", rt)] = m
+    weights = torch.load(version / "weights.pt", weights_only=True)
+    for kind, cls, kind_runtimes in (("naive", IATNaive, naive_runtimes), ("previous", IATPerCandidate, previous_runtimes)):
+        module = cls(config).eval()
+        module.load_state_dict(weights)
+        for rt in kind_runtimes:
+            m = load_ranking_model(version, "eager", "cpu")  # same call path, that forward
+            if rt == "torchscript":
+                import warnings
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)  # static-size checks only
+                    m._runner = torch.jit.trace(module, example_inputs(module), check_trace=False)
+            else:
+                m._runner = module
+            m._split = None  # the whole forward every call, as exported
+            m.runtime = rt
+            models[(kind, rt)] = m
+    reuse = models.get(("shared", "eager"))
     ref = models[("shared", runtimes[0])]
     spec, rng = ref.feature_spec, np.random.default_rng(0)
     t_req = 1_700_000_000_000
@@ -135,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
             multi[:, :, 0] = rng.integers(0, spec.n_buckets, (c, len(spec.multi_fields)))
             num = rng.standard_normal((c, len(spec.num_fields))).astype(np.float32)
             call = {key: (lambda m=m: m.score(history, t_req, cat, multi, num)) for key, m in models.items()}
+            if reuse is not None and reuse.reuses_user_state:
+                prepared = reuse.prepare(history, t_req)
+                call[("shared-reuse", "eager")] = lambda: reuse.score_prepared(prepared, t_req, cat, multi, num)
             outs = {key: f() for key, f in call.items()}  # warm-up, and parity of everything timed
             for _ in range(2):
                 for f in call.values():
@@ -150,8 +165,10 @@ def run(args: argparse.Namespace) -> int:
             gc.collect()
             gc.disable()
             try:
-                for _ in range(reps):
-                    for key, f in call.items():
+                order = list(call.items())
+                for i in range(reps):
+                    # the order alternates: whoever runs first in a round finds colder caches
+                    for key, f in (order if i % 2 == 0 else reversed(order)):
                         s = time.perf_counter()
                         f()
                         timings[key].append(time.perf_counter() - s)
@@ -168,12 +185,19 @@ def run(args: argparse.Namespace) -> int:
                 for rt in naive_runtimes if ("shared", rt, cands[0], hists[0]) in p50
                 for n in hists for c in cands]
     machine.stop()
+    previous = [{"runtime": rt, "candidates": c, "history": n,
+                 "previous_over_shared_p50": p50[("previous", rt, c, n)] / p50[("shared", rt, c, n)],
+                 **({"shared_over_reuse_p50": p50[("shared", rt, c, n)] / p50[("shared-reuse", rt, c, n)]}
+                    if ("shared-reuse", rt, c, n) in p50 else {})}
+                for rt in previous_runtimes if ("shared", rt, cands[0], hists[0]) in p50
+                for n in hists for c in cands]
     out = {"command": "iat bench model " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "model"]
            else "python -m harness.bench_model " + " ".join(sys.argv[1:]),
            "torch": torch.__version__, "threads": args.threads, "device": "cpu",
            "model": {"name": "iat", "max_history": ref.max_history, **{k: config["model_config"][k] for k in
                      ("iat_width", "iat_layers", "iat_heads", "seq_len", "insemb_dim", "fi_blocks")}},
            "max_abs_diff_between_runtimes": max_diff, "results": results, "speedups": speedups,
+           "previous": previous,
            "machine": machine.summary()}
     print(markdown(out))
     if args.json:
@@ -200,6 +224,12 @@ def markdown(out: dict) -> str:
     lines.append("|---|---|---|---|")
     for s in out["speedups"]:
         lines.append(f"| {s['runtime']} | {s['candidates']} | {s['history']} | {s['naive_over_shared_p50']:.1f}x |")
+    if out.get("previous"):
+        lines += ["", "| runtime | C | n | previous / shared (p50) | shared / shared-reuse (p50) |", "|---|---|---|---|---|"]
+        for s in out["previous"]:
+            reuse = f"{s['shared_over_reuse_p50']:.2f}x" if "shared_over_reuse_p50" in s else "-"
+            lines.append(f"| {s['runtime']} | {s['candidates']} | {s['history']} | "
+                         f"{s['previous_over_shared_p50']:.2f}x | {reuse} |")
     return "\n".join(lines)
 
 

@@ -5,13 +5,22 @@
 For each (candidates C, history n) cell the following are timed round-robin in one run, so that a
 noisy neighbour hits all of them alike:
   fetch    the fused history read alone (``AsyncInstanceStore.read_history``, one round trip)
-  assemble the candidates' featurization alone (``Featurizer.encode``)
+  assemble the gRPC message to validated arrays as the service does it (``query_from_proto``,
+           header checks, cached item rows, ``Featurizer.assemble``)
+  assemble:previous  the same the way it was done before (``harness.previous``: dicts and
+           checks per candidate, encoding per field and candidate); equal arrays
   model    the model forward alone (``RankingModel.score`` on ready arrays)
-  inproc   ``RankingServing.score`` in this process (fetch -> assemble -> model, what both routers call)
+  model:previous  the same with the previous formulation (``harness.naive.IATPerCandidate``)
+  inproc   ``RankingServing.score`` in this process (fetch -> assemble -> model, what both routers
+           call); the same user every call, so after the first a history-cache hit
+  inproc:miss  the same with the history cache off (every call decodes and prepares)
   grpc     Score over gRPC to a real ``iat serve ranking`` process on loopback
   rest     POST /v1/score to the same process
   peer:*   any ``--peer NAME=URL`` speaking the REST JSON (e.g. the naive FastAPI peer of
            ``harness/peers/naive_server.py``); timed on fewer rounds when it is slow
+  grpc:*   any ``--grpc-peer NAME=HOST:PORT`` serving the same Score over gRPC, on the same store
+           (e.g. ``iat serve ranking`` of another checkout: before/after in one run); timed
+           every round like ``grpc``, and its scores checked equal to ``grpc``'s within 1e-5
 The floor is p50(fetch) + p50(model): what a Score cannot beat without a faster store read or
 model. After the latency rounds, each protocol is driven at saturation (``--concurrency``
 requests in flight for ``--saturation-s`` seconds) for its throughput.
@@ -231,7 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=None, help="default: a fresh embedded redis-server (unix socket)")
     parser.add_argument("--candidates", default=",".join(map(str, CANDIDATES)))
     parser.add_argument("--history", default=",".join(map(str, HISTORIES)))
-    parser.add_argument("--methods", default="fetch,assemble,model,inproc,grpc,rest")
+    parser.add_argument("--methods", default="fetch,assemble,assemble:previous,model,model:previous,inproc,inproc:miss,grpc,rest")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed rounds per cell")
     parser.add_argument("--min-reps", type=int, default=10)
     parser.add_argument("--max-reps", type=int, default=300)
@@ -245,6 +254,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gRPC saturation at each, against cores / forward time")
     parser.add_argument("--peer", action="append", default=[], metavar="NAME=URL",
                         help="another Score endpoint speaking the REST JSON, timed alongside (repeatable)")
+    parser.add_argument("--grpc-peer", action="append", default=[], metavar="NAME=HOST:PORT",
+                        help="another gRPC Score server on the same store, timed every round (repeatable)")
     parser.add_argument("--peer-candidates", default="100,500", help="cells (candidates) where peers are timed")
     parser.add_argument("--peer-max-reps", type=int, default=12)
     parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
@@ -449,8 +460,10 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
     import httpx
     from iat.ranking.v1 import ranking_pb2_grpc
 
+    from harness.previous import previous_assemble
     from services.ranking.main import build_serving
-    from services.ranking.protocol import ScoreRequestModel, query_from_model
+    from services.ranking.protocol import query_from_proto, validate_header
+    from services.ranking.serving import RankingServing
 
     settings = Settings(redis_url=redis_url, model_dir=model_dir, runtime=args.runtime, reload_interval_s=0)
     cands, hists = _ints(args.candidates, "candidates"), _ints(args.history, "history")
@@ -459,10 +472,14 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
     serving = await build_serving(settings)
     model = serving.registry.get("")
     store = serving.store_for(model)
+    no_cache = RankingServing(settings.model_copy(update={"history_cache_mb": 0.0}), serving.registry, serving.client)
+    previous_model = _previous_model(model) if "model:previous" in methods else None
     channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") if server else None
     stub = ranking_pb2_grpc.RankingServiceStub(channel) if channel else None
     http = httpx.Client(timeout=120)
     peers = dict(p.split("=", 1) for p in args.peer)
+    grpc_peers = {name: grpc.insecure_channel(target) for name, target in (p.split("=", 1) for p in args.grpc_peer)}
+    grpc_stubs = {name: ranking_pb2_grpc.RankingServiceStub(ch) for name, ch in grpc_peers.items()}
     peer_cands = set(_ints(args.peer_candidates, "peer-candidates"))
     rng = np.random.default_rng(1)
     context_user = workload.user_ids[0]
@@ -472,32 +489,59 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
         for c in cands:
             body = workload.request(users[n], REQUEST_TIME_MS, c, rng, context_user=context_user, request_id=f"b-{c}-{n}")
             message = to_proto(body)
-            query = query_from_model(ScoreRequestModel(**body))
+            query = query_from_proto(message)
             limit = model.max_history
             fetched = await store.read_history(users[n], REQUEST_TIME_MS, limit, expected_source_version=model.manifest.accepted_sources())
             assert len(fetched) == min(n, limit), f"seeded history of {users[n]}: {len(fetched)} != {min(n, limit)}"
             inputs = fetched
-            encode_args = (query.user_id, query.request_time_ms, query.item_ids, query.context.categorical,
-                           query.context.numeric, [f.categorical for f in query.candidate_features],
-                           [f.numeric for f in query.candidate_features])
-            cat, multi, num = model.featurizer.encode(*encode_args)
+            max_candidates = settings.max_candidates
+
+            def served_assemble():
+                q = query_from_proto(message)
+                validate_header(q, max_candidates=max_candidates)
+                return serving._featurize(model, q)
+
+            cat, multi, num = served_assemble()
+            for got, ref in zip((cat, multi, num), previous_assemble(model.featurizer, message, max_candidates)):
+                assert got.dtype == ref.dtype and np.array_equal(got, ref), "assemble differs from the previous way"
 
             async def fetch():
                 await store.read_history(users[n], REQUEST_TIME_MS, limit, expected_source_version=model.manifest.accepted_sources())
 
             async def assemble():
-                model.featurizer.encode(*encode_args)
+                served_assemble()
+
+            async def assemble_previous():
+                previous_assemble(model.featurizer, message, max_candidates)
 
             async def forward():
                 model.score(inputs, REQUEST_TIME_MS, cat, multi, num)
+
+            async def forward_previous():
+                previous_model.score(inputs, REQUEST_TIME_MS, cat, multi, num)
 
             async def inproc():
                 result = await serving.score(query, None)
                 assert result.history_length == min(n, limit)
 
+            async def inproc_miss():
+                result = await no_cache.score(query, None)
+                assert result.history_length == min(n, limit)
+
             def grpc_call():
                 response = stub.Score(message, timeout=120)
                 assert response.history_length == min(n, limit)
+
+            def grpc_peer_call(peer_stub):
+                response = peer_stub.Score(message, timeout=120)
+                assert response.history_length == min(n, limit)
+                return response
+
+            if stub is not None:  # a peer serving another build must give the same scores
+                want = np.asarray(stub.Score(message, timeout=120).scores)
+                for name, peer_stub in grpc_stubs.items():
+                    got = np.asarray(grpc_peer_call(peer_stub).scores)
+                    assert np.abs(got - want).max() <= 1e-5, f"grpc:{name} scores differ from grpc's"
 
             def rest_call(url=None):
                 response = http.post(url or server.base_url + "/v1/score", json=body)
@@ -507,11 +551,14 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
             async def sync(fn):
                 fn()
 
-            calls = {"fetch": fetch, "assemble": assemble, "model": forward, "inproc": inproc,
-                     "grpc": lambda: sync(grpc_call), "rest": lambda: sync(rest_call)}
+            calls = {"fetch": fetch, "assemble": assemble, "assemble:previous": assemble_previous,
+                     "model": forward, "model:previous": forward_previous, "inproc": inproc,
+                     "inproc:miss": inproc_miss, "grpc": lambda: sync(grpc_call), "rest": lambda: sync(rest_call)}
             calls = {m: calls[m] for m in methods if m in calls and (server or m not in ("grpc", "rest"))}
             peer_calls = {f"peer:{name}": (lambda url=url: sync(lambda: rest_call(url)))
                           for name, url in peers.items() if c in peer_cands}
+            calls.update({f"grpc:{name}": (lambda s=peer_stub: sync(lambda: grpc_peer_call(s)))
+                          for name, peer_stub in grpc_stubs.items()})
             timed = {**calls, **peer_calls}
             for _ in range(args.warmup):
                 for call in timed.values():
@@ -527,8 +574,10 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
             gc.freeze()  # as the warm service does
             clock, cpu_clock = time.perf_counter, time.thread_time
             cpu = {m: [] for m in timed}  # this thread's CPU: the work itself, whatever else the machine ran
+            order = list(timed.items())
             for i in range(reps):
-                for name, call in timed.items():
+                # the order alternates: whoever runs first in a round finds colder caches
+                for name, call in (order if i % 2 == 0 else reversed(order)):
                     if name.startswith("peer:") and i >= peer_reps:
                         continue
                     s, s_cpu = clock(), cpu_clock()
@@ -550,6 +599,8 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
                 for name, url in peers.items():
                     if c in peer_cands:
                         loads[f"peer:{name}"] = lambda url=url: rest_call(url)
+                for name, peer_stub in grpc_stubs.items():
+                    loads[f"grpc:{name}"] = lambda s=peer_stub: grpc_peer_call(s)
                 for name, call in loads.items():
                     sat = saturate(call, args.concurrency, args.saturation_s)
                     throughput.append({"candidates": c, "history": n, "protocol": name, **sat})
@@ -562,11 +613,36 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
     http.close()
     if channel:
         channel.close()
+    for peer_channel in grpc_peers.values():
+        peer_channel.close()
     serving.executor.shutdown(wait=False)
     await serving.client.aclose()
     info = {"name": model.name, "version": model.version, "max_history": model.max_history,
             "runtime": model.runtime, "source_version": model.source_version}
     return {"rows": rows, "throughput": throughput, "model": info, "profile": profile}
+
+
+def _previous_model(model):
+    """A copy of the served ``RankingModel`` whose forward is the previous formulation (same
+    weights, same runtime where it is TorchScript or eager)."""
+    import copy
+    import json
+    import warnings
+
+    import torch
+
+    from harness.naive import IATPerCandidate
+    from models.export import example_inputs
+
+    module = IATPerCandidate(json.loads((model.path / "config.json").read_text())).eval()
+    module.load_state_dict(torch.load(model.path / "weights.pt", weights_only=True))
+    previous = copy.copy(model)
+    if model.runtime == "torchscript":
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # static-size checks only
+            module = torch.jit.trace(module, example_inputs(module), check_trace=False)
+    previous._runner, previous._split = module, None
+    return previous
 
 
 async def _profile(args, serving, workload, users, n, rng, context_user) -> dict:
@@ -616,10 +692,17 @@ def ratios(rows: list[dict], throughput: list[dict]) -> list[dict]:
             continue
         floor = fetch["p50_ms"] + model["p50_ms"]
         row = {"candidates": c, "history": n, "floor_p50_ms": floor}
-        for m in ("inproc", "grpc", "rest"):
+        for m in ("inproc", "inproc:miss", "grpc", "rest"):
             if (c, n, m) in by:
                 row[f"{m}_over_floor_p50"] = by[(c, n, m)]["p50_ms"] / floor
+        for slow, fast in (("assemble:previous", "assemble"), ("model:previous", "model"), ("inproc:miss", "inproc")):
+            if (c, n, slow) in by and (c, n, fast) in by:
+                row[f"{slow}_over_{fast}_p50"] = by[(c, n, slow)]["p50_ms"] / by[(c, n, fast)]["p50_ms"]
         for key in list(by):
+            if key[:2] == (c, n) and key[2].startswith("grpc:"):
+                row[f"{key[2]}_over_floor_p50"] = by[key]["p50_ms"] / floor
+                if (c, n, "grpc") in by:
+                    row[f"{key[2]}_over_grpc_p50"] = by[key]["p50_ms"] / by[(c, n, "grpc")]["p50_ms"]
             if key[:2] == (c, n) and key[2].startswith("peer:"):
                 name = key[2]
                 for m in ("grpc", "rest"):

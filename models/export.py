@@ -89,7 +89,15 @@ def export_torchscript(module: nn.Module, path: Path) -> Path:
         # the TracerWarnings here are all Python checks on sizes that are static per model
         # (field counts, heads, batch of one request); the parity tests vary every dynamic size
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(module, example_inputs(module), check_trace=False)
+        inputs = example_inputs(module)
+        if hasattr(module, "user_state"):
+            # the user/candidate halves beside forward: the runtime then encodes a user state
+            # once per history and reuses it across requests (the history cache)
+            state = module.user_state(*inputs[:6])
+            methods = {"forward": inputs, "user_state": inputs[:6], "score_user": (*state, *inputs[6:])}
+            traced = torch.jit.trace_module(module, methods, check_trace=False)
+        else:
+            traced = torch.jit.trace(module, inputs, check_trace=False)
     traced.save(str(path))
     return path
 

@@ -69,6 +69,8 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "IAT_PROMETHEUS_MULTIPROC_DIR"))
     reload_interval_s: float = Field(default=10.0, ge=0, description="0 disables hot reload")
     redis_timeout_s: float = Field(default=1.0, gt=0)
+    history_cache_mb: float = Field(default=64.0, ge=0, description="decoded and encoded histories kept for reuse; 0 disables")
+    item_cache_size: int = Field(default=65_536, ge=0, description="candidate encodings kept per model; 0 disables")
 
     # Source.
     ingest_max_request: int = Field(default=1024, gt=0, description="instances per POST, more is rejected")

@@ -58,6 +58,17 @@ HISTORY_SKIPPED = Counter(
 MODEL_RELOADS = Counter(
     "iat_ranking_model_reloads_total", "Model (re)load attempts by outcome", ["model", "outcome"],
 )
+HISTORY_CACHE = Counter(
+    "iat_ranking_history_cache_lookups_total",
+    "Score history lookups by outcome: hit (same stored history as a recent Score: decode and "
+    "encoding reused) or miss", ["outcome"],
+)
+HISTORY_CACHE_BYTES = Gauge(
+    "iat_ranking_history_cache_bytes", "Bytes held by the history cache (bounded by IAT_HISTORY_CACHE_MB)",
+)
+ITEM_CACHE = Counter(
+    "iat_ranking_item_cache_lookups_total", "Candidate encodings looked up, by outcome (hit, miss)", ["outcome"],
+)
 
 # --- source --------------------------------------------------------------------------
 INGEST_LATENCY = Histogram(

@@ -103,8 +103,23 @@ class Backbone(nn.Module):
         self.register_buffer("user_cols", torch.tensor(shape.user_cat_columns, dtype=torch.long),
                              persistent=False)
 
-    def fields(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(field embeddings [B, F, e], behaviour-sequence token [B, e])."""
+    def seq_memory(self, seq_items: torch.Tensor, seq_labels: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The behaviour sequence [B, S] of item ids (-1 pad), with its past labels [B, S, T]
+        where this backbone reads them, embedded and projected for the target attention
+        (``TargetAttention.memory``); B == 1 serves any number of targets."""
+        valid = seq_items >= 0
+        seq = self.embedder.lookup(seq_items)
+        if self.seq_labels is not None:
+            seq = seq + self.seq_labels(seq_labels, valid)
+        return self.seq.memory(seq, valid)
+
+    def fields(self, batch: dict[str, torch.Tensor],
+               seq_memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(field embeddings [B, F, e], behaviour-sequence token [B, e]). ``seq_memory``: the
+        ``seq_memory`` of one sequence shared by all B rows (serving), instead of
+        ``batch["seq_items"]``, one sequence per row (training)."""
         cat = batch["cat"]
         p = self.cfg.user_feature_dropout
         if self.training and p > 0 and len(self.user_cols):
@@ -114,12 +129,10 @@ class Backbone(nn.Module):
                                                  cat[:, self.user_cols])
         fields = self.embedder(cat, batch["multi"], batch["num"])
         target = self.embedder.lookup(batch["item"])
-        seq_items = batch["seq_items"]
-        seq = self.embedder.lookup(seq_items)
-        if self.seq_labels is not None:
-            seq = seq + self.seq_labels(batch["seq_labels"], seq_items >= 0)
-        seq_tok = self.seq(target, seq, seq_items >= 0)
-        return fields, seq_tok
+        if seq_memory is None:
+            labels = batch["seq_labels"] if self.seq_labels is not None else None
+            seq_memory = self.seq_memory(batch["seq_items"], labels)
+        return fields, self.seq.attend(target, *seq_memory)
 
     def flat_features(self, fields: torch.Tensor, seq_tok: torch.Tensor) -> torch.Tensor:
         return torch.cat([fields.flatten(1), seq_tok], dim=1)

@@ -107,10 +107,13 @@ class IATDownstream(nn.Module):
             return self.query(self.backbone.flat_features(fields, seq_tok))
         return self.query(self.backbone.embedder.lookup(batch["item"]))
 
-    def score(self, memory: HistoryMemory, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def score(self, memory: HistoryMemory, batch: dict[str, torch.Tensor],
+              seq_memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits [C, T] for C candidates against one encoded history (memory batch 1) or
-        against one history each (memory batch C)."""
-        fields, seq_tok = self.backbone.fields(batch)
+        against one history each (memory batch C). ``seq_memory``: one behaviour sequence
+        shared by the C candidates, projected once (``Backbone.seq_memory``), instead of
+        ``batch["seq_items"]``."""
+        fields, seq_tok = self.backbone.fields(batch, seq_memory)
         out = self.cross(self._query(fields, seq_tok, batch), memory.keys, memory.values, memory.mask)
         return self.heads(self.backbone.interact(fields, seq_tok, [self.out(out)]))
 

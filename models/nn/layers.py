@@ -53,14 +53,21 @@ class CrossAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 key_mask: torch.Tensor) -> torch.Tensor:
-        """query [C, dim]; keys/values [B, H, S, dh] with B == C or B == 1; key_mask [B, S]."""
+        """query [C, dim]; keys/values [B, H, S, dh] with B == C (one memory per query) or
+        B == 1 (one memory shared by every query); key_mask [B, S]."""
         c, d = query.shape
-        q = self.q(self.norm_q(query)).view(c, self.heads, 1, d // self.heads)
-        if keys.shape[0] == 1 and c != 1:
-            keys, values, key_mask = (keys.expand(c, -1, -1, -1), values.expand(c, -1, -1, -1),
-                                      key_mask.expand(c, -1))
-        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask[:, None, None, :])
-        x = query + self.out(att.reshape(c, d))
+        q = self.q(self.norm_q(query))
+        mask = key_mask[:, None, None, :]
+        if keys.shape[0] == 1:
+            # One shared memory: the C queries are one multi-query attention over it, instead
+            # of C single-query attentions over C copies of the same keys and values.
+            q = q.view(1, c, self.heads, d // self.heads).transpose(1, 2)           # [1, H, C, dh]
+            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            att = att.transpose(1, 2).reshape(c, d)
+        else:
+            q = q.view(c, self.heads, 1, d // self.heads)
+            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).reshape(c, d)
+        x = query + self.out(att)
         return x + self.ffn(self.norm2(x))
 
 
@@ -80,19 +87,32 @@ class TargetAttention(nn.Module):
         else:
             self.scorer = nn.Sequential(nn.Linear(4 * dim, 32), nn.GELU(), nn.Linear(32, 1))
 
-    def forward(self, target: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, _, d = seq.shape
+    def memory(self, seq: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What a target attends to, from the sequence [B, S, dim] alone: (keys, values, mask
+        [B, 1 + S]); "transformer": keys/values projected [B, H, 1 + S, dh]; "din": the sequence
+        itself [B, 1 + S, dim], twice. A sequence shared by many targets is done once (B == 1)."""
+        b = seq.shape[0]
         seq = torch.cat([self.null.expand(b, -1, -1), seq], dim=1)
         # from the input, not device=: a trace freezes a factory's device into the graph
         mask = torch.cat([mask.new_ones((b, 1), dtype=torch.bool), mask], dim=1)
         if self.kind == "transformer":
-            seq = seq + self.pos[: seq.shape[1]]
-            k, v = self.attn.project_memory(seq)
-            return self.attn(target, k, v, mask)
+            k, v = self.attn.project_memory(seq + self.pos[: seq.shape[1]])
+            return k, v, mask
+        return seq, seq, mask
+
+    def attend(self, target: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """target [C, dim] against ``memory(...)`` of batch C or 1 -> [C, dim]."""
+        if self.kind == "transformer":
+            return self.attn(target, keys, values, mask)
+        seq = keys.expand(target.shape[0], -1, -1)  # DIN scores every (target, element) pair
         q = target.unsqueeze(1).expand_as(seq)
         w = self.scorer(torch.cat([q, seq, q - seq, q * seq], dim=-1)).squeeze(-1)
         w = w.masked_fill(~mask, float("-inf")).softmax(dim=1)
         return (w.unsqueeze(-1) * seq).sum(1)
+
+    def forward(self, target: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.attend(target, *self.memory(seq, mask))
 
 
 class TokenMixerBlock(nn.Module):

@@ -14,9 +14,11 @@ not be sent.
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -81,12 +83,19 @@ class FeatureSpec:
 
 def derived_context(timestamp_ms: int, names) -> dict[str, str]:
     """The context fields the loader derives from a timestamp (UTC), as strings."""
-    stamp = datetime.fromtimestamp(timestamp_ms / 1000.0, tz=timezone.utc)
+    stamp = datetime.fromtimestamp(timestamp_ms / 1000.0, tz=UTC)
     return {n: str(stamp.hour if n == "hour" else stamp.weekday()) for n in names}
 
 
 class Featurizer:
-    """Encodes raw requests with a ``FeatureSpec``; caches bucket ids per (field, value)."""
+    """Encodes raw requests with a ``FeatureSpec``; caches bucket ids per (field, value).
+
+    A request's arrays are the shared part (user, request time, context) broadcast over the
+    candidates, with each candidate's own part on top. A candidate's own part is a function of
+    (item id, its features) alone: ``item_row`` encodes it as one fixed-size record (bytes,
+    what ``ItemEncodings`` caches), ``assemble`` combines such records with the shared part
+    in a few array operations, whatever the number of candidates.
+    """
 
     def __init__(self, spec: FeatureSpec, cache_size: int = 1 << 20) -> None:
         self.spec = spec
@@ -96,6 +105,17 @@ class Featurizer:
         self._multi_set = set(spec.multi_fields)
         self._num_set = set(spec.num_fields)
         self._settable = spec.settable_fields
+        self._cat_index = {name: j for j, name in enumerate(spec.cat_fields)}
+        self._multi_index = {name: j for j, name in enumerate(spec.multi_fields)}
+        self._num_index = {name: j for j, name in enumerate(spec.num_fields)}
+        self._item_column = self._cat_index[spec.item_field]
+        n_cat, n_multi, n_num = len(spec.cat_fields), len(spec.multi_fields), len(spec.num_fields)
+        # "*_set": which fields the candidate itself sets; the others come from the shared part.
+        self.row_dtype = np.dtype([
+            ("cat_set", "?", (n_cat,)), ("cat", "<i8", (n_cat,)),
+            ("multi_set", "?", (n_multi,)), ("multi", "<i8", (n_multi, spec.max_multi)),
+            ("num_set", "?", (n_num,)), ("num", "<f4", (n_num,)),
+        ])
 
     def bucket(self, field_name: str, value: str) -> int:
         key = (field_name, value)
@@ -126,6 +146,67 @@ class Featurizer:
             return "is categorical: send it in 'categorical'"
         return f"unknown feature (this model reads {sorted(self._settable)})"
 
+    def _multi_buckets(self, name: str, cell) -> list[int]:
+        values = [v.strip() for v in str(cell).split(MULTI_SEP) if v.strip()][: self.spec.max_multi]
+        return [self.bucket(name, v) for v in values]
+
+    def _number(self, name: str, value: float) -> float:
+        if not math.isfinite(value):
+            raise FeatureError(f"numeric[{name}]", "must be a finite number")
+        mean, std = self.spec.num_stats[name]
+        return (value - mean) / std
+
+    def item_row(self, item_id: str, categorical: dict[str, str], numeric: dict[str, float],
+                 where: str = "features") -> bytes:
+        """One candidate's own encoding, a ``row_dtype`` record: its item id and the features it
+        sets (names checked, named ``{where}.categorical[name]``)."""
+        self.check_names(categorical, numeric, where)
+        row = np.zeros((), dtype=self.row_dtype)
+        row["cat_set"][self._item_column] = True
+        row["cat"][self._item_column] = self.bucket(self.spec.item_field, item_id)
+        for name, value in categorical.items():
+            j = self._cat_index.get(name)
+            if j is not None:
+                row["cat_set"][j] = True
+                row["cat"][j] = self.bucket(name, str(value))
+                continue
+            j = self._multi_index[name]
+            row["multi_set"][j] = True
+            row["multi"][j] = -1
+            buckets = self._multi_buckets(name, value)
+            row["multi"][j, : len(buckets)] = buckets
+        for name, value in numeric.items():
+            j = self._num_index[name]
+            row["num_set"][j] = True
+            row["num"][j] = self._number(name, value)
+        return row.tobytes()
+
+    def assemble(self, user_id: str, timestamp_ms: int, context_categorical: dict[str, str],
+                 context_numeric: dict[str, float], rows: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The request's arrays from the candidates' ``item_row`` records joined in ``rows``
+        (candidate order); context names are checked here, named ``context.*``."""
+        spec = self.spec
+        self.check_names(context_categorical, context_numeric, "context")
+        shared = {**derived_context(timestamp_ms, spec.context_features), **context_categorical}
+        shared[spec.user_field] = user_id
+        shared_cat = np.array([self.bucket(name, str(shared.get(name, ""))) for name in spec.cat_fields],
+                              dtype=np.int64)
+        shared_multi = np.full((len(spec.multi_fields), spec.max_multi), -1, dtype=np.int64)
+        for j, name in enumerate(spec.multi_fields):
+            buckets = self._multi_buckets(name, shared.get(name, ""))
+            shared_multi[j, : len(buckets)] = buckets
+        # missing numerics: the train mean, i.e. 0 after z-scoring
+        shared_num = np.array([self._number(name, context_numeric[name]) if name in context_numeric else 0.0
+                               for name in spec.num_fields], dtype=np.float32)
+        own = np.frombuffer(rows, dtype=self.row_dtype)
+        cat = np.where(own["cat_set"], own["cat"], shared_cat)
+        multi = np.where(own["multi_set"][:, :, None], own["multi"], shared_multi)
+        num = np.where(own["num_set"], own["num"], shared_num)
+        n_cand = own.shape[0]
+        return (cat.reshape(n_cand, len(spec.cat_fields)),
+                multi.reshape(n_cand, len(spec.multi_fields), spec.max_multi),
+                np.ascontiguousarray(num.reshape(n_cand, len(spec.num_fields)), dtype=np.float32))
+
     def encode(
         self,
         user_id: str,
@@ -140,45 +221,44 @@ class Featurizer:
 
         Candidate features override context features of the same name. Missing categorical
         values encode as the empty string and missing numerics as the train mean, exactly as
-        the loader encodes a failed side-table join.
+        the loader encodes a failed side-table join. Every name is checked (context first, then
+        the candidates in order) before anything is encoded.
         """
-        spec = self.spec
         self.check_names(context_categorical, context_numeric, "context")
         for i, (c, n) in enumerate(zip(candidate_categorical, candidate_numeric)):
             if c or n:
                 self.check_names(c, n, f"candidates[{i}].features")
-        n_cand = len(item_ids)
-        shared = {**derived_context(timestamp_ms, spec.context_features), **context_categorical}
-        shared[spec.user_field] = user_id
+        rows = b"".join(self.item_row(item, c, n) for item, c, n in
+                        zip(item_ids, candidate_categorical, candidate_numeric))
+        return self.assemble(user_id, timestamp_ms, context_categorical, context_numeric, rows)
 
-        cat = np.empty((n_cand, len(spec.cat_fields)), dtype=np.int64)
-        for j, name in enumerate(spec.cat_fields):
-            if name == spec.item_field:
-                cat[:, j] = [self.bucket(name, item) for item in item_ids]
-                continue
-            default = self.bucket(name, str(shared.get(name, "")))
-            if any(name in c for c in candidate_categorical):
-                cat[:, j] = [self.bucket(name, str(c[name])) if name in c else default
-                             for c in candidate_categorical]
-            else:
-                cat[:, j] = default
 
-        multi = np.full((n_cand, len(spec.multi_fields), spec.max_multi), -1, dtype=np.int64)
-        for j, name in enumerate(spec.multi_fields):
-            for i in range(n_cand):
-                cell = candidate_categorical[i].get(name, shared.get(name, ""))
-                values = [v.strip() for v in str(cell).split(MULTI_SEP) if v.strip()][: spec.max_multi]
-                for k, v in enumerate(values):
-                    multi[i, j, k] = self.bucket(name, v)
+class ItemEncodings:
+    """A bounded LRU of candidates' ``item_row`` records by a content key (one per candidate:
+    whatever identifies its item id and features, e.g. the candidate's wire bytes).
 
-        num = np.zeros((n_cand, len(spec.num_fields)), dtype=np.float32)
-        for j, name in enumerate(spec.num_fields):
-            mean, std = spec.num_stats[name]
-            for i in range(n_cand):
-                value = candidate_numeric[i].get(name, context_numeric.get(name))
-                if value is None:
-                    continue  # missing: the train mean, i.e. 0 after z-scoring
-                if not math.isfinite(value):
-                    raise FeatureError(f"numeric[{name}]", "must be a finite number")
-                num[i, j] = (value - mean) / std
-        return cat, multi, num
+    ``decode(key) -> (item_id, categorical, numeric)`` and ``check(item_id, categorical,
+    numeric)`` (the caller's validation, raising on a bad value) run only on a miss; a key that
+    fails is not cached. A hit costs one lookup in C (``functools.lru_cache``): no Python runs
+    per candidate, and no error text is built unless something fails.
+    """
+
+    def __init__(self, featurizer: Featurizer, size: int, decode: Callable, check: Callable | None = None) -> None:
+        self.featurizer = featurizer
+        self._decode = decode
+        self._check = check
+        self._row = functools.lru_cache(maxsize=size)(self._miss)
+
+    def _miss(self, key) -> bytes:
+        item_id, categorical, numeric = self._decode(key)
+        if self._check is not None:
+            self._check(item_id, categorical, numeric)
+        return self.featurizer.item_row(item_id, categorical, numeric)
+
+    def rows(self, keys) -> bytes:
+        """The ``item_row`` records of ``keys``, joined in order."""
+        return b"".join(map(self._row, keys))
+
+    def info(self):
+        """(hits, misses, maxsize, currsize) of the LRU."""
+        return self._row.cache_info()

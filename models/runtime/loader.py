@@ -2,6 +2,8 @@
 
     model = load_ranking_model(latest_version(model_dir, "iat"), runtime="torchscript")
     probs = model.score(history, request_time_ms, cat, multi, num)     # [C, T], history encoded once
+    prepared = model.prepare(history, request_time_ms)                 # or in two steps, the first
+    probs = model.score_prepared(prepared, request_time_ms, cat, multi, num)  # reusable (history cache)
 
     source = load_source_model(latest_version(model_dir, "source"))
     insemb, codes = source.embed(cat, multi, num, item_hashes, timestamps_ms, histories)
@@ -20,6 +22,7 @@ store, must reproduce it (the no-skew test). Histories are ``contract.history.Hi
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,7 @@ from contract.artifacts import (
 )
 from contract.history import History
 from contract.inputs import MIN_DYNAMIC
+from models.nn.downstream import gap_bucket
 from models.runtime.device import cuda_arch, resolve_device
 from models.runtime.featurizer import FeatureSpec, Featurizer
 from models.runtime.modules import build_module
@@ -51,8 +55,17 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", ca
 RUNTIMES = ("torchscript", "aoti", "eager")
 RUNTIME_FILES = {"torchscript": [TORCHSCRIPT_FILE], "aoti": [AOTI_FILE], "eager": [CONFIG_FILE, WEIGHTS_FILE]}
 
-__all__ = ["ArtifactError", "History", "RankingModel", "SourceModel", "RUNTIMES",
-           "latest_version", "load_ranking_model", "load_source_model", "offline_scores"]
+__all__ = [
+    "RUNTIMES",
+    "ArtifactError",
+    "History",
+    "PreparedHistory",
+    "RankingModel",
+    "SourceModel",
+    "latest_version",
+    "load_ranking_model",
+    "load_source_model",
+]
 
 
 def aoti_mismatch(manifest: dict, device: torch.device, arch: str | None) -> str | None:
@@ -165,6 +178,26 @@ class _Loaded:
             return self._runner(*(self._tensor(a) for a in arrays))
 
 
+@dataclass(eq=False)
+class PreparedHistory:
+    """One user's history as the model reads it (``RankingModel.prepare``): truncated, capped
+    and padded arrays, kept so that a request for the same stored history can skip that work.
+
+    ``state`` holds the last user state encoded from it (runtimes with ``user_state``): the
+    age buckets it was encoded at, and its tensors. A later request time reuses it while the
+    buckets are the same, and replaces it when they moved."""
+
+    arrays: tuple[np.ndarray, ...]
+    length: int
+    request_time_ms: int
+    state: tuple[bytes, tuple[torch.Tensor, ...]] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        state = self.state[1] if self.state is not None else ()
+        return sum(a.nbytes for a in self.arrays) + sum(t.element_size() * t.nelement() for t in state)
+
+
 class RankingModel(_Loaded):
     """A loaded, sha-checked ranking model (``iat`` or ``sif``)."""
 
@@ -173,6 +206,15 @@ class RankingModel(_Loaded):
         self.kind = manifest.kind
         self.max_history = manifest.max_history
         self.source_version = manifest.source_version
+        # The runner's user/candidate halves when it has them (the eager module, and TorchScript
+        # exported with those methods; not AOTI): then a user state is encoded once per
+        # history and age buckets, not once per request.
+        self._split = runner if (self.kind == "iat" and hasattr(runner, "user_state")
+                                 and hasattr(runner, "score_user")) else None
+
+    @property
+    def reuses_user_state(self) -> bool:
+        return self._split is not None
 
     def _history(self, history: History, request_time_ms: int) -> tuple[np.ndarray, ...]:
         """Truncation: strictly before the request, newest first, at most max_history; padded
@@ -209,18 +251,51 @@ class RankingModel(_Loaded):
     def _codebook_size(self) -> int:
         return int(self.manifest.codebook_size or 0)
 
+    def prepare(self, history: History, request_time_ms: int) -> PreparedHistory:
+        """The history's model inputs (validated, truncated before the request, capped, padded)."""
+        arrays = self._history(history, int(request_time_ms))
+        return PreparedHistory(arrays, int(arrays[-1].sum()), int(request_time_ms))
+
     def score(self, history: History, request_time_ms: int, cat: np.ndarray, multi: np.ndarray,
               num: np.ndarray) -> np.ndarray:
         """float32 probabilities [C, T]; the history is encoded once for all C candidates."""
         cat, multi, num = self._features(cat, multi, num)
+        if cat.shape[0] == 0:
+            return np.zeros((0, len(self.tasks)), dtype=np.float32)
+        return self.score_prepared(self.prepare(history, request_time_ms), request_time_ms, cat, multi, num)
+
+    def score_prepared(self, prepared: PreparedHistory, request_time_ms: int, cat: np.ndarray,
+                       multi: np.ndarray, num: np.ndarray) -> np.ndarray:
+        """``score`` of a ``prepare``d history, for any request time whose history read returned
+        the same records (all strictly earlier than both request times, so the truncation keeps
+        them all); the age buckets are recomputed here for ``request_time_ms``."""
+        cat, multi, num = self._features(cat, multi, num)
         c = cat.shape[0]
         if c == 0:
             return np.zeros((0, len(self.tasks)), dtype=np.float32)
-        hist = self._history(history, int(request_time_ms))
         request = np.array([request_time_ms], dtype=np.int64)
         cands = [_pad_rows(a, MIN_DYNAMIC) for a in (cat, multi, num)]
-        probs = self._run(*hist, request, *cands)
+        if self._split is None:
+            probs = self._run(*prepared.arrays, request, *cands)
+        else:
+            with torch.inference_mode():
+                state = self._user_state(prepared, request)
+                probs = self._split.score_user(*state, *(self._tensor(a) for a in cands))
         return probs[:c].float().cpu().numpy()
+
+    def _user_state(self, prepared: PreparedHistory, request: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """The encoded user side, reused while the history's age buckets stay the same (the only
+        way the request time enters it)."""
+        request_t = torch.from_numpy(request)
+        _, _, ts, _, mask = prepared.arrays
+        ts_t = torch.from_numpy(ts)
+        buckets = gap_bucket(request_t, torch.where(torch.from_numpy(mask), ts_t, request_t)).numpy().tobytes()
+        cached = prepared.state
+        if cached is not None and cached[0] == buckets:
+            return cached[1]
+        state = tuple(self._split.user_state(*(self._tensor(a) for a in prepared.arrays), self._tensor(request)))
+        prepared.state = (buckets, state)  # one tuple assignment: a concurrent reader sees old or new
+        return state
 
     def warmup(self, rounds: int = 3) -> None:
         """A few calls at typical shapes (first calls allocate and, for TorchScript, optimise)."""

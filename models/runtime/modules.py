@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.nn.base import FeatureShape, ModelConfig
-from models.nn.downstream import IATDownstream, gap_bucket
+from models.nn.downstream import HistoryMemory, IATDownstream, gap_bucket
 from models.nn.sif.mixer import SIFMixer, recency_bucket
 from models.nn.sif.rvq import ResidualVQ
 from models.nn.sif.spec import (
@@ -92,7 +92,12 @@ def sample_schema_from_json(raw: dict) -> SampleSchema:
 
 
 class IATRanking(nn.Module):
-    """Shared-history IAT downstream model (``ModelConfig.attention == "shared"``)."""
+    """Shared-history IAT downstream model (``ModelConfig.attention == "shared"``).
+
+    Everything that depends on the user alone is computed once per request (``user_state``):
+    the encoded history memory and the behaviour sequence's keys/values; the C candidates then
+    attend to it (``score_user``). ``forward`` is the two in a row (the exported contract); the
+    runtime calls the halves separately to reuse a user state across requests."""
 
     kind = "iat"
 
@@ -119,24 +124,37 @@ class IATRanking(nn.Module):
                                            hist_mask.unsqueeze(0), gaps)
         return tokens, hist_mask.unsqueeze(0)
 
-    def sequence_labels(self, hist_labels, hist_mask, n_candidates: int):
-        """The behaviour sequence's past labels [C, seq_len, T], as ``feature_batch`` builds them."""
+    def sequence_labels(self, hist_labels, hist_mask) -> torch.Tensor:
+        """The behaviour sequence's past labels [1, seq_len, T] (-1: unknown or padding), as
+        ``feature_batch`` builds them (the same for every candidate of the request)."""
         labels = torch.where(hist_mask.unsqueeze(-1), hist_labels, torch.full_like(hist_labels, -1))
-        seq = F.pad(labels, (0, 0, 0, self.seq_len), value=-1)[: self.seq_len]
-        return seq.unsqueeze(0).expand(n_candidates, self.seq_len, self.n_tasks)
+        return F.pad(labels, (0, 0, 0, self.seq_len), value=-1)[: self.seq_len].unsqueeze(0)
 
-    def candidates(self, hist_items, hist_mask, cat, multi, num) -> dict:
+    def behaviour_sequence(self, hist_items, hist_mask) -> torch.Tensor:
+        """The user's newest ``seq_len`` history item hashes, -1 padded: [1, seq_len] (the same
+        sequence for every candidate of the request)."""
         items = torch.where(hist_mask, hist_items, torch.full_like(hist_items, -1))
-        seq = F.pad(items, (0, self.seq_len), value=-1)[: self.seq_len]
-        return {"cat": cat, "multi": multi, "num": num, "item": cat[:, self.item_column],
-                "seq_items": seq.unsqueeze(0).expand(cat.shape[0], self.seq_len)}
+        return F.pad(items, (0, self.seq_len), value=-1)[: self.seq_len].unsqueeze(0)
+
+    def user_state(self, hist_emb, hist_labels, hist_ts, hist_items, hist_mask, request_ms):
+        """(history keys, values, mask, sequence keys, values, mask): the request's user side,
+        batch 1. Depends on the request time only through the history's age buckets."""
+        tokens, mask = self.history_inputs(hist_emb, hist_labels, hist_ts, hist_mask, request_ms)
+        memory = self.model.encode_history(tokens, mask)
+        # the behaviour sequence with its past labels, embedded and projected once for all candidates
+        seq_keys, seq_values, seq_mask = self.model.backbone.seq_memory(
+            self.behaviour_sequence(hist_items, hist_mask), self.sequence_labels(hist_labels, hist_mask))
+        return memory.keys, memory.values, memory.mask, seq_keys, seq_values, seq_mask
+
+    def score_user(self, keys, values, mask, seq_keys, seq_values, seq_mask, cat, multi, num):
+        """Probabilities [C, T] of C candidates against one ``user_state``."""
+        batch = {"cat": cat, "multi": multi, "num": num, "item": cat[:, self.item_column]}
+        logits = self.model.score(HistoryMemory(keys, values, mask), batch, (seq_keys, seq_values, seq_mask))
+        return torch.sigmoid(logits)
 
     def forward(self, hist_emb, hist_labels, hist_ts, hist_items, hist_mask, request_ms, cat, multi, num):
-        tokens, mask = self.history_inputs(hist_emb, hist_labels, hist_ts, hist_mask, request_ms)
-        memory = self.model.encode_history(tokens, mask)          # once per request
-        batch = self.candidates(hist_items, hist_mask, cat, multi, num)
-        batch["seq_labels"] = self.sequence_labels(hist_labels, hist_mask, cat.shape[0])
-        return torch.sigmoid(self.model.score(memory, batch))
+        state = self.user_state(hist_emb, hist_labels, hist_ts, hist_items, hist_mask, request_ms)
+        return self.score_user(*state, cat, multi, num)
 
 
 class SIFRanking(nn.Module):

@@ -2,11 +2,16 @@
 
 gRPC messages and REST JSON are converted into a `ScoreQuery`, validated by
 `validate_query`, served, and the `ScoreResult` converted back. Keeping one validator is
-what makes the two protocols reject the same requests with the same field names.
+what makes the two protocols reject the same requests with the same field names. The serving
+path checks the request's header (`validate_header`) and each candidate once per content
+(`check_candidate`, on an item-cache miss); when anything fails, `validate_query` names the
+field, so the error is the same as when every candidate is checked every time.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from iat.ranking.v1 import ranking_pb2
@@ -23,19 +28,39 @@ class FeatureValues:
     numeric: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
+@dataclass(eq=False)
 class ScoreQuery:
+    """One Score request. The candidates stay as received (proto messages or their pydantic
+    twins), each with a content key (``candidate_keys``) that the serving path looks up in
+    its item-encoding cache; ``item_ids`` / ``candidate_features`` are built from them only
+    when asked for (the reference validator and the error path)."""
+
     request_id: str
     user_id: str
     request_time_ms: int
     model: str
     context: FeatureValues
-    item_ids: list[str]
-    candidate_features: list[FeatureValues]
+    candidates: Sequence
+    candidate_keys: list
 
     @property
     def num_candidates(self) -> int:
-        return len(self.item_ids)
+        return len(self.candidate_keys)
+
+    @cached_property
+    def item_ids(self) -> list[str]:
+        return [c.item_id for c in self.candidates]
+
+    @cached_property
+    def candidate_features(self) -> list[FeatureValues]:
+        return [FeatureValues(dict(c.features.categorical), dict(c.features.numeric)) for c in self.candidates]
+
+    def _view(self) -> tuple:
+        return (self.request_id, self.user_id, self.request_time_ms, self.model, self.context,
+                self.item_ids, self.candidate_features)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ScoreQuery) and self._view() == other._view()
 
 
 @dataclass(slots=True)
@@ -83,7 +108,7 @@ class ScoreResponseModel(BaseModel):
 
 
 # --- conversions ---------------------------------------------------------------------
-def _query(msg) -> ScoreQuery:
+def _query(msg, keys: list) -> ScoreQuery:
     """From a proto ScoreRequest or its pydantic twin: both expose the same attribute names."""
     return ScoreQuery(
         request_id=msg.request_id,
@@ -91,20 +116,34 @@ def _query(msg) -> ScoreQuery:
         request_time_ms=msg.request_time_ms,
         model=msg.model,
         context=FeatureValues(dict(msg.context.categorical), dict(msg.context.numeric)),
-        item_ids=[c.item_id for c in msg.candidates],
-        candidate_features=[
-            FeatureValues(dict(c.features.categorical), dict(c.features.numeric))
-            for c in msg.candidates
-        ],
+        candidates=msg.candidates,
+        candidate_keys=keys,
     )
 
 
 def query_from_proto(msg: ranking_pb2.ScoreRequest) -> ScoreQuery:
-    return _query(msg)
+    # A candidate's wire bytes are its content key: serialized in C, one call per candidate.
+    # (Maps may serialize in another order for equal content: a cache miss, never a wrong hit.)
+    return _query(msg, list(map(_SERIALIZE_CANDIDATE, msg.candidates)))
 
 
 def query_from_model(req: ScoreRequestModel) -> ScoreQuery:
-    return _query(req)
+    keys = [(c.item_id, tuple(c.features.categorical.items()), tuple(c.features.numeric.items()))
+            for c in req.candidates]
+    return _query(req, keys)
+
+
+_SERIALIZE_CANDIDATE = ranking_pb2.Candidate.SerializeToString
+_PARSE_CANDIDATE = ranking_pb2.Candidate.FromString
+
+
+def candidate_from_key(key) -> tuple[str, dict[str, str], dict[str, float]]:
+    """(item_id, categorical, numeric) of a ``candidate_keys`` entry (on an item-cache miss)."""
+    if isinstance(key, bytes):
+        c = _PARSE_CANDIDATE(key)
+        return c.item_id, dict(c.features.categorical), dict(c.features.numeric)
+    item_id, categorical, numeric = key
+    return item_id, dict(categorical), dict(numeric)
 
 
 def _result_fields(res: ScoreResult) -> dict:
@@ -123,12 +162,9 @@ def result_to_model(res: ScoreResult) -> ScoreResponseModel:
 
 
 # --- validation ----------------------------------------------------------------------
-def validate_query(query: ScoreQuery, *, max_candidates: int) -> None:
-    """Raise InvalidRequest / TooManyCandidates naming the first offending field.
-
-    The checks are contract.validation's, shared with the source service; feature names are
-    checked against the chosen model by its featurizer.
-    """
+def validate_header(query: ScoreQuery, *, max_candidates: int) -> None:
+    """Everything ``validate_query`` checks but the candidates (checked one by one, and only
+    on an item-cache miss, by ``check_candidate``)."""
     try:
         check_id(query.request_id, "request_id", required=False)
         check_id(query.user_id, "user_id")
@@ -139,6 +175,25 @@ def validate_query(query: ScoreQuery, *, max_candidates: int) -> None:
                 f"{query.num_candidates} candidates, the limit is {max_candidates}", "candidates"
             )
         check_features(query.context.categorical, query.context.numeric, "context")
+    except InvalidField as err:
+        raise InvalidRequest(err.message, err.field) from None
+
+
+def check_candidate(item_id: str, categorical: dict, numeric: dict) -> None:
+    """One candidate's model-independent checks; raises InvalidField (a relative field name:
+    the error path re-runs ``validate_query`` for the request's exact one)."""
+    check_id(item_id, "item_id")
+    check_features(categorical, numeric, "features")
+
+
+def validate_query(query: ScoreQuery, *, max_candidates: int) -> None:
+    """Raise InvalidRequest / TooManyCandidates naming the first offending field.
+
+    The checks are contract.validation's, shared with the source service; feature names are
+    checked against the chosen model by its featurizer.
+    """
+    validate_header(query, max_candidates=max_candidates)
+    try:
         for i, (item_id, feats) in enumerate(zip(query.item_ids, query.candidate_features)):
             check_id(item_id, f"candidates[{i}].item_id")
             check_features(feats.categorical, feats.numeric, f"candidates[{i}].features")
