@@ -149,13 +149,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 class RedisHistoryProvider:
-    """``models.streaming.HistoryProvider`` on the instance store (storage/): streaming
-    user-order training reads past InsEmbs from Redis and writes each fresh one back."""
+    """``models.training.streaming.HistoryProvider`` on the instance store (storage/): the
+    source models' time-ordered pass (``models.training.protocol``) writes each InsEmb to Redis
+    and streaming training reads past InsEmbs back. With ``log_fetches``, ``fetches`` keeps
+    (user, before_ms, ins_ids, timestamps_ms) of every history read, as the store returned it."""
 
-    def __init__(self, store, source_version: str = "", labels: dict | None = None):
+    def __init__(self, store, source_version: str = "", log_fetches: bool = False):
         self.store = store
         self.source_version = source_version
         self.dim = store.layout.dim
+        self.fetches: list[tuple] | None = [] if log_fetches else None
 
     def write(self, ins_ids, user_ids, ts_ms, embeddings) -> None:
         import numpy as np
@@ -178,4 +181,7 @@ class RedisHistoryProvider:
             n = min(len(history), limit)
             out[b, :n] = history.embeddings[:n]
             mask[b, :n] = True
+            if self.fetches is not None:
+                self.fetches.append((str(user_ids[b]), int(before_ms[b]), history.ins_ids[:n].copy(),
+                                     history.timestamps_ms[:n].copy()))
         return out, mask
