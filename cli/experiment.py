@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--history-len", type=int, default=None,
                         help=f"downstream L (default 256; quick {QUICK_HISTORY_LEN})")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs (early stopping on validation)")
+    parser.add_argument("--batch-fraction", type=float, default=None,
+                        help="source models' time-ordered pass: fraction of the training instances "
+                             "(earliest by time) trained in batch form, the rest streams (default 0.5)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     parser.add_argument("--workers", type=int, default=2,
                         help="seeds trained in parallel processes (default 2: one per core)")
@@ -108,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
     if args.unknown_label_rate is not None and not 0.0 <= args.unknown_label_rate < 1.0:
         print("iat experiment: --unknown-label-rate must lie in [0, 1)", file=sys.stderr)
         return 2
+    if args.batch_fraction is not None and not 0.0 <= args.batch_fraction <= 1.0:
+        print("iat experiment: --batch-fraction must lie in [0, 1]", file=sys.stderr)
+        return 2
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     unknown = [r for r in rows or [] if r not in ROWS]
     if unknown:
@@ -130,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.model.history_len = args.history_len
     if args.epochs:
         cfg.train.epochs = args.epochs
+    if args.batch_fraction is not None:
+        cfg.batch_fraction = args.batch_fraction
     cfg.threads = args.threads
     cfg.workers = args.workers
     cfg.train.progress = not args.no_progress

@@ -156,3 +156,16 @@ def test_iat_train_serves_the_user_iat_rows_model(data, tmp_path):
     ours = model.state_dict()
     assert ours and all(torch.equal(served[f"model.{k}"], v) for k, v in ours.items())
     assert json.loads((run_dir / "run.json").read_text())["metrics"]["source"]["protocol"] == "time_ordered"
+
+
+@pytest.mark.parametrize("command", ["experiment", "train"])
+def test_batch_fraction_flag_is_checked(command, tmp_path, capsys):
+    import argparse
+
+    module = __import__(f"cli.{command}", fromlist=["run"])
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    args = parser.parse_args(["--dataset", "synthetic", "--out", str(tmp_path / "out"), "--batch-fraction", "1.5"])
+    assert module.run(args) == 2
+    assert "--batch-fraction" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
