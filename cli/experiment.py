@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-fraction", type=float, default=None,
                         help="source models' time-ordered pass: fraction of the training instances "
                              "(earliest by time) trained in batch form, the rest streams (default 0.5)")
+    parser.add_argument("--source-batch-size", type=int, default=None,
+                        help="instances per optimiser step of the source models' pass (default: the "
+                             "training batch size; smaller gives the single pass more steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     parser.add_argument("--workers", type=int, default=2,
                         help="seeds trained in parallel processes (default 2: one per core)")
@@ -114,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_fraction is not None and not 0.0 <= args.batch_fraction <= 1.0:
         print("iat experiment: --batch-fraction must lie in [0, 1]", file=sys.stderr)
         return 2
+    if args.source_batch_size is not None and args.source_batch_size < 1:
+        print("iat experiment: --source-batch-size must be >= 1", file=sys.stderr)
+        return 2
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     unknown = [r for r in rows or [] if r not in ROWS]
     if unknown:
@@ -138,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.train.epochs = args.epochs
     if args.batch_fraction is not None:
         cfg.batch_fraction = args.batch_fraction
+    cfg.source_batch_size = args.source_batch_size
     cfg.threads = args.threads
     cfg.workers = args.workers
     cfg.train.progress = not args.no_progress

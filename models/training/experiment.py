@@ -153,6 +153,7 @@ COMPARISONS = (
     ("sif", "base", "SIF vs the base model"),
     ("user_iat", "user_iat_full_attention", "shared-history vs full attention"),
     ("base", "base_item_ids_only", "what past labels add to the base model's sequence"),
+    ("user_iat_two_pass", "user_iat", "two-pass (App. A.3) vs one-pass user-order InsEmbs"),
 )
 
 

@@ -45,6 +45,7 @@ class ExperimentConfig:
     # The source models' time-ordered pass (models.training.protocol): the earliest fraction of
     # the training instances by time is trained in batch form, the rest streams (Eq. 7-8).
     batch_fraction: float = 0.5
+    source_batch_size: int | None = None  # instances per step of the source pass (None: train.batch_size)
     threads: int = 1   # per worker process; 2 threads on 2 busy cores thrash
     workers: int = 1   # seeds run in parallel processes
     _shared: dict = field(default_factory=dict, repr=False)
@@ -64,9 +65,9 @@ class ExperimentConfig:
         """The source models' pass: SIT window and batches as configured, history L - 1."""
         return ProtocolConfig(batch_fraction=self.batch_fraction, window=self.source_window,
                               history_limit=max(1, self.source_window - 1),
-                              batch_size=self.train.batch_size, lr=self.train.lr)
+                              batch_size=self.source_batch_size or self.train.batch_size, lr=self.train.lr)
 
     def to_dict(self) -> dict:
         return {"model": asdict(self.model), "train": asdict(self.train),
                 "source_window": self.source_window, "insemb_protocol": "time_ordered",
-                "batch_fraction": self.batch_fraction}
+                "batch_fraction": self.batch_fraction, "source_batch_size": self.protocol().batch_size}

@@ -158,14 +158,25 @@ def test_iat_train_serves_the_user_iat_rows_model(data, tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["metrics"]["source"]["protocol"] == "time_ordered"
 
 
-@pytest.mark.parametrize("command", ["experiment", "train"])
-def test_batch_fraction_flag_is_checked(command, tmp_path, capsys):
+@pytest.mark.parametrize("command, flag, value", [("experiment", "--batch-fraction", "1.5"),
+                                                 ("train", "--batch-fraction", "-0.1"),
+                                                 ("experiment", "--source-batch-size", "0")])
+def test_protocol_flags_are_checked(command, flag, value, tmp_path, capsys):
     import argparse
 
     module = __import__(f"cli.{command}", fromlist=["run"])
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)
-    args = parser.parse_args(["--dataset", "synthetic", "--out", str(tmp_path / "out"), "--batch-fraction", "1.5"])
+    args = parser.parse_args(["--dataset", "synthetic", "--out", str(tmp_path / "out"), flag, value])
     assert module.run(args) == 2
-    assert "--batch-fraction" in capsys.readouterr().err
+    assert flag in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_experiment_config_sets_the_pass():
+    cfg = ExperimentConfig(model=CFG, train=TrainConfig(batch_size=256, lr=1e-3), source_window=32,
+                           batch_fraction=0.25)
+    p = cfg.protocol()
+    assert (p.batch_fraction, p.window, p.history_limit, p.batch_size, p.lr) == (0.25, 32, 31, 256, 1e-3)
+    cfg.source_batch_size = 64
+    assert cfg.protocol().batch_size == 64 and cfg.to_dict()["source_batch_size"] == 64
