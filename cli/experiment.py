@@ -55,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--history-len", type=int, default=None,
                         help=f"downstream L (default 256; quick {QUICK_HISTORY_LEN})")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs (early stopping on validation)")
+    parser.add_argument("--batch-fraction", type=float, default=None,
+                        help="source models' time-ordered pass: fraction of the training instances "
+                             "(earliest by time) trained in batch form, the rest streams (default 0.5)")
+    parser.add_argument("--source-batch-size", type=int, default=None,
+                        help="instances per optimiser step of the source models' pass (default: the "
+                             "training batch size; smaller gives the single pass more steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     parser.add_argument("--workers", type=int, default=2,
                         help="seeds trained in parallel processes (default 2: one per core)")
@@ -108,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
     if args.unknown_label_rate is not None and not 0.0 <= args.unknown_label_rate < 1.0:
         print("iat experiment: --unknown-label-rate must lie in [0, 1)", file=sys.stderr)
         return 2
+    if args.batch_fraction is not None and not 0.0 <= args.batch_fraction <= 1.0:
+        print("iat experiment: --batch-fraction must lie in [0, 1]", file=sys.stderr)
+        return 2
+    if args.source_batch_size is not None and args.source_batch_size < 1:
+        print("iat experiment: --source-batch-size must be >= 1", file=sys.stderr)
+        return 2
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     unknown = [r for r in rows or [] if r not in ROWS]
     if unknown:
@@ -130,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
         cfg.model.history_len = args.history_len
     if args.epochs:
         cfg.train.epochs = args.epochs
+    if args.batch_fraction is not None:
+        cfg.batch_fraction = args.batch_fraction
+    cfg.source_batch_size = args.source_batch_size
     cfg.threads = args.threads
     cfg.workers = args.workers
     cfg.train.progress = not args.no_progress
@@ -149,13 +164,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 class RedisHistoryProvider:
-    """``models.streaming.HistoryProvider`` on the instance store (storage/): streaming
-    user-order training reads past InsEmbs from Redis and writes each fresh one back."""
+    """``models.training.streaming.HistoryProvider`` on the instance store (storage/): the
+    source models' time-ordered pass (``models.training.protocol``) writes each InsEmb to Redis
+    and streaming training reads past InsEmbs back. With ``log_fetches``, ``fetches`` keeps
+    (user, before_ms, ins_ids, timestamps_ms) of every history read, as the store returned it."""
 
-    def __init__(self, store, source_version: str = "", labels: dict | None = None):
+    def __init__(self, store, source_version: str = "", log_fetches: bool = False):
         self.store = store
         self.source_version = source_version
         self.dim = store.layout.dim
+        self.fetches: list[tuple] | None = [] if log_fetches else None
 
     def write(self, ins_ids, user_ids, ts_ms, embeddings) -> None:
         import numpy as np
@@ -178,4 +196,7 @@ class RedisHistoryProvider:
             n = min(len(history), limit)
             out[b, :n] = history.embeddings[:n]
             mask[b, :n] = True
+            if self.fetches is not None:
+                self.fetches.append((str(user_ids[b]), int(before_ms[b]), history.ins_ids[:n].copy(),
+                                     history.timestamps_ms[:n].copy()))
         return out, mask

@@ -1,5 +1,7 @@
 """`iat train`: train the serving set (user-order source + SIF tokenizer, IAT downstream, SIF-Mixer)
-with the experiment's default settings and write RUN_DIR for `iat export`.
+with the experiment's default settings and write RUN_DIR for `iat export`. The source and IAT
+downstream are trained by the `user_iat` row's code (the time-ordered protocol of
+models/training/protocol.py), so the served model is the evaluated one.
 
     iat train --dataset movielens-100k --out runs/serving
     iat train --schema my.toml --data-dir DIR --out runs/x --quick
@@ -25,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-users", type=int, default=None,
                         help="train on this many users only (the first by user id; for tests and demos)")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs (early stopping on validation)")
+    parser.add_argument("--batch-fraction", type=float, default=None,
+                        help="source model's time-ordered pass: fraction of the training instances "
+                             "(earliest by time) trained in batch form, the rest streams (default 0.5)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -37,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from models.training.registry import ExperimentConfig
     from models.training.serving_set import train_serving_set
 
+    if args.batch_fraction is not None and not 0.0 <= args.batch_fraction <= 1.0:
+        print(f"iat train: --batch-fraction: must lie in [0, 1], got {args.batch_fraction}", file=sys.stderr)
+        return 2
     try:
         _, data = load_named_dataset(args.schema, "synthetic" if args.synthetic else args.dataset,
                                      args.data_dir, args.out / "synthetic-data")
@@ -50,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = ExperimentConfig.quick() if args.quick else ExperimentConfig()
     if args.epochs:
         cfg.train.epochs = args.epochs
+    if args.batch_fraction is not None:
+        cfg.batch_fraction = args.batch_fraction
     cfg.threads = args.threads
     cfg.train.progress = not args.no_progress
     n_users = len(np.unique(data.user_index))

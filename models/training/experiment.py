@@ -25,24 +25,18 @@ import torch
 
 from models.data.prepared import PreparedData
 from models.nn.base import BaseRanker, FeatureShape, ModelConfig
+from models.nn.downstream import IATDownstream
 from models.training.batches import feature_batch
 from models.training.downstream import predict_downstream, train_downstream
 from models.training.loop import fit, predict, set_seed, shuffled_batches
 from models.training.metrics import task_metrics
+from models.training.protocol import ProtocolResult, protocol_insembs, two_pass_insembs
 from models.training.registry import (
     ROWS,
     ExperimentConfig,
     RowFn,
     RowResult,
     register_row,
-)
-from models.training.source import (
-    history_predict,
-    insembs,
-    train_temporal_source,
-    train_user_order_source,
-    two_pass_insembs,
-    user_crossfit_insembs,
 )
 from models.training.statistics import mean_interval, mean_std, paired_difference
 
@@ -70,52 +64,15 @@ def row_base(data: PreparedData, seed: int, cfg: ExperimentConfig, **overrides) 
     return RowResult(predict(forward, val), predict(forward, test), {"train": info})
 
 
-def _source_extra(data, probs_val, probs_test) -> dict:
-    val, test = data.split_indices(1), data.split_indices(2)
-    m_val = task_metrics(data.labels[val], probs_val, data.user_index[val], data.tasks)
-    m_test = task_metrics(data.labels[test], probs_test, data.user_index[test], data.tasks)
-    return {"val": m_val, "test": m_test}
-
-
-def temporal_source_embeddings(data: PreparedData, seed: int, cfg: ExperimentConfig):
+def source_result(kind: str, data: PreparedData, seed: int, cfg: ExperimentConfig) -> ProtocolResult:
+    """The ``kind`` source model ("user", "temporal" or "user_two_pass") trained by the
+    time-ordered protocol (``models.training.protocol``) and the InsEmbs the downstream reads;
+    trained once per seed and shared by every row over that source."""
     def build():
-        set_seed(seed)
-        if cfg.insemb_protocol == "all_users":
-            model, info = train_temporal_source(data, cfg.model, cfg.train, seed)
-            models, e_all = [model], insembs(model, data)
-        else:
-            e_all, infos = user_crossfit_insembs(data, lambda tr, va, k: train_temporal_source(
-                data, cfg.model, cfg.train, seed + 100 * k, train_rows=tr, val_rows=va), seed)
-            models = [i.pop("model") for i in infos]
-            info = {"folds": infos}
-        val, test = data.split_indices(1), data.split_indices(2)
-        fwd = lambda r: models[0](feature_batch(data, r, cfg.model.seq_len))  # noqa: E731
-        info["source_metrics_fold0_model"] = _source_extra(data, predict(fwd, val), predict(fwd, test))
-        info["insemb_protocol"] = cfg.insemb_protocol
-        return e_all, info
-    return cfg.shared(("temporal", id(data), seed), build)
-
-
-def user_order_embeddings(data: PreparedData, seed: int, cfg: ExperimentConfig):
-    def build():
-        set_seed(seed)
-        if cfg.insemb_protocol == "all_users":
-            model, info = train_user_order_source(data, cfg.model, cfg.train, seed, cfg.source_window)
-            models, e_all = [model], insembs(model, data)
-        else:
-            e_all, infos = user_crossfit_insembs(data, lambda tr, va, k: train_user_order_source(
-                data, cfg.model, cfg.train, seed + 100 * k, cfg.source_window, train_rows=tr,
-                val_rows=va), seed)
-            models = [i.pop("model") for i in infos]
-            info = {"folds": infos}
-        val, test = data.split_indices(1), data.split_indices(2)
-        e_model = insembs(models[0], data)
-        info["source_metrics_fold0_model"] = _source_extra(
-            data, history_predict(models[0], data, val, e_model, cfg.source_window),
-            history_predict(models[0], data, test, e_model, cfg.source_window))
-        info["insemb_protocol"] = cfg.insemb_protocol
-        return e_all, info
-    return cfg.shared(("user", id(data), seed), build)
+        if kind == "user_two_pass":
+            return two_pass_insembs(data, cfg.model, cfg.protocol(), seed)
+        return protocol_insembs(kind, data, cfg.model, cfg.protocol(), seed)
+    return cfg.shared((kind, id(data), seed), build)
 
 
 DOWNSTREAM_ROWS: dict[str, tuple[str, dict]] = {}  # row name -> (InsEmb source, ModelConfig overrides)
@@ -127,29 +84,33 @@ def downstream_inputs(name: str, data: PreparedData, seed: int, cfg: ExperimentC
     config, the source's info). ``zero`` gives InsEmbs of zeros and no source at all: the
     control that isolates what the InsEmbs add (same seed, batches and side info as user_iat)."""
     source, overrides = DOWNSTREAM_ROWS[name]
-    if source == "temporal":
-        e_all, src_info = temporal_source_embeddings(data, seed, cfg)
-    elif source == "user_two_pass":
-        e_all, src_info = cfg.shared(("two_pass", id(data), seed), lambda: two_pass_insembs(
-            data, cfg.model, cfg.train, seed, cfg.source_window))
-    elif source == "zero":
+    if source == "zero":
         e_all, src_info = np.zeros((data.n, cfg.model.insemb_dim), dtype=np.float32), {"insembs": "zero"}
     else:
-        e_all, src_info = user_order_embeddings(data, seed, cfg)
+        res = source_result(source, data, seed, cfg)
+        e_all, src_info = res.insembs, res.info
     return e_all, replace(cfg.model, **overrides), src_info
+
+
+def fit_downstream_row(name: str, data: PreparedData, seed: int, cfg: ExperimentConfig
+                       ) -> tuple[IATDownstream, np.ndarray, dict]:
+    """Row ``name``'s downstream model trained on its InsEmbs: (model, InsEmbs, info). The
+    ``user_iat`` row and ``iat train`` (``serving_set``) both call this: the model served is
+    the model evaluated."""
+    e_all, mc, src_info = downstream_inputs(name, data, seed, cfg)
+    set_seed(seed)
+    model, info = train_downstream(data, e_all, mc, cfg.train, seed, desc=f"{name} s{seed}")
+    return model, e_all, {"train": info, "source": src_info}
 
 
 def _downstream_row(name: str, source: str, **overrides) -> RowFn:
     DOWNSTREAM_ROWS[name] = (source, overrides)
 
     def row(data: PreparedData, seed: int, cfg: ExperimentConfig) -> RowResult:
-        e_all, mc, src_info = downstream_inputs(name, data, seed, cfg)
-        set_seed(seed)
-        model, info = train_downstream(data, e_all, mc, cfg.train, seed, desc=f"{name} s{seed}")
+        model, e_all, info = fit_downstream_row(name, data, seed, cfg)
         val, test = data.split_indices(1), data.split_indices(2)
         return RowResult(predict_downstream(model, data, val, e_all),
-                         predict_downstream(model, data, test, e_all),
-                         {"train": info, "source": src_info})
+                         predict_downstream(model, data, test, e_all), info)
     return row
 
 
@@ -192,6 +153,7 @@ COMPARISONS = (
     ("sif", "base", "SIF vs the base model"),
     ("user_iat", "user_iat_full_attention", "shared-history vs full attention"),
     ("base", "base_item_ids_only", "what past labels add to the base model's sequence"),
+    ("user_iat_two_pass", "user_iat", "two-pass (App. A.3) vs one-pass user-order InsEmbs"),
 )
 
 

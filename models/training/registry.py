@@ -9,6 +9,7 @@ import numpy as np
 from models.data.prepared import PreparedData
 from models.nn.base import ModelConfig
 from models.training.loop import TrainConfig
+from models.training.protocol import ProtocolConfig
 
 
 @dataclass
@@ -40,11 +41,11 @@ def register_row(name: str, fn: RowFn, *, default: bool = True, description: str
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    source_window: int = 128   # SIT length in batch user-order training
-    # "user_crossfit": a user's InsEmbs come from a source model not trained on that user
-    # (source.user_crossfit_insembs); "all_users": one source model on all train users (leaks
-    # each user's training labels into its InsEmbs; kept to measure that effect).
-    insemb_protocol: str = "user_crossfit"
+    source_window: int = 128   # SIT length in batch user-order training (streaming: window - 1 fetched)
+    # The source models' time-ordered pass (models.training.protocol): the earliest fraction of
+    # the training instances by time is trained in batch form, the rest streams (Eq. 7-8).
+    batch_fraction: float = 0.5
+    source_batch_size: int | None = None  # instances per step of the source pass (None: train.batch_size)
     threads: int = 1   # per worker process; 2 threads on 2 busy cores thrash
     workers: int = 1   # seeds run in parallel processes
     _shared: dict = field(default_factory=dict, repr=False)
@@ -60,6 +61,13 @@ class ExperimentConfig:
             self._shared[key] = factory()
         return self._shared[key]
 
+    def protocol(self) -> ProtocolConfig:
+        """The source models' pass: SIT window and batches as configured, history L - 1."""
+        return ProtocolConfig(batch_fraction=self.batch_fraction, window=self.source_window,
+                              history_limit=max(1, self.source_window - 1),
+                              batch_size=self.source_batch_size or self.train.batch_size, lr=self.train.lr)
+
     def to_dict(self) -> dict:
         return {"model": asdict(self.model), "train": asdict(self.train),
-                "source_window": self.source_window, "insemb_protocol": self.insemb_protocol}
+                "source_window": self.source_window, "insemb_protocol": "time_ordered",
+                "batch_fraction": self.batch_fraction, "source_batch_size": self.protocol().batch_size}

@@ -6,9 +6,11 @@ plus a JSON config, into ``RUN_DIR/<name>/{weights.pt, config.json}`` and ``RUN_
 Settings are the experiment's defaults (``ExperimentConfig()`` / ``.quick()`` and
 ``models.training.sif.rows.SETTINGS``): the serving set is the ``user_iat`` and ``sif`` rows, one seed.
 
-The InsEmbs the downstream model is trained on are ``insembs(source, data)``, i.e.
-``source.embed`` in eval mode: the same function the source service runs before writing to the
-store, so the ranking model reads at serving time exactly what it read in training.
+The source and downstream models are the ``user_iat`` row's, by the same code
+(``experiment.fit_downstream_row``): the source trained by the time-ordered protocol
+(``models.training.protocol``), the downstream on the InsEmbs that pass stored (each computed
+by ``source.embed`` in eval mode, as the source service computes it, before the source trained
+on its instance), so the model served is the model evaluated.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from models.runtime.modules import (
     common_config,
     sample_schema_to_json,
 )
-from models.training.downstream import train_downstream
+from models.training.experiment import fit_downstream_row, source_result
 from models.training.loop import set_seed
 from models.training.registry import ExperimentConfig
 from models.training.sif.rows import (
@@ -46,7 +48,6 @@ from models.training.sif.rows import (
     train_sif,
     train_vocabulary,
 )
-from models.training.source import insembs, train_user_order_source
 
 
 def sif_vocabularies(data: PreparedData) -> list[np.ndarray]:
@@ -101,13 +102,15 @@ def train_serving_set(data: PreparedData, cfg: ExperimentConfig, out_dir: str | 
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     set_seed(seed)
-    source, source_info = train_user_order_source(data, cfg.model, cfg.train, seed, cfg.source_window)
-    source.eval()
-    e_all = insembs(source, data)
-    progress(f"source: best val AUC {source_info['best_val_auc']:.4f} ({time.perf_counter() - t0:.0f}s)")
-    set_seed(seed)
-    iat, iat_info = train_downstream(data, e_all, cfg.model, cfg.train, seed, desc="iat downstream")
-    progress(f"iat: best val AUC {iat_info['best_val_auc']:.4f} ({time.perf_counter() - t0:.0f}s)")
+    cfg._shared.clear()
+    iat, _, row_info = fit_downstream_row("user_iat", data, seed, cfg)
+    source = source_result("user", data, seed, cfg).model.eval()
+    cfg._shared.clear()
+    # one pass, no early stopping: its validation AUC is what the manifest reports as best
+    source_info = {**row_info["source"], "best_val_auc": row_info["source"]["val_auc"]}
+    iat_info = row_info["train"]
+    progress(f"source: val AUC {source_info['val_auc']:.4f}; iat: best val AUC "
+             f"{iat_info['best_val_auc']:.4f} ({time.perf_counter() - t0:.0f}s)")
     tok, mixer, sif_info = train_sif_models(data, cfg, seed, progress=progress)
     progress(f"sif: best val AUC {sif_info['best_val_auc']:.4f} ({time.perf_counter() - t0:.0f}s)")
 

@@ -66,7 +66,7 @@ def test_planted_signal_direction_and_results_files(data, tmp_path):
     for r in res["rows"]:
         assert set(r) >= {"model", "auc", "gauc", "logloss", "auc_std", "gauc_std", "logloss_std", "per_task"}
         assert set(r["per_task"]) == {"like", "love"}
-    assert by["user_iat"]["runs"][0]["extra"]["source"]["insemb_protocol"] == "user_crossfit"
+    assert by["user_iat"]["runs"][0]["extra"]["source"]["protocol"] == "time_ordered"
     assert {c["name"] for c in res["comparisons"]} >= {"user_iat - base", "base - base_item_ids_only"}
     json_path, png_path = write_results(res, tmp_path)
     assert json.loads(json_path.read_text())["dataset"] == "synthetic"
