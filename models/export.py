@@ -160,13 +160,19 @@ def architecture_lineage(config: dict, feature_spec: dict) -> str:
 
 
 def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
-               progress=print, device: str | torch.device = "cpu", lineage: str | None = None) -> dict[str, Path]:
+               progress=print, device: str | torch.device = "cpu", lineage: str | None = None,
+               names: tuple[str, ...] = ("source", "iat", "sif"), now=None, ordinal: int | None = None,
+               source_min_ordinal: int | None = None) -> dict[str, Path]:
     """For each model of a training run: MODEL_DIR/<name>/<version>/ with weights.pt, config.json,
     model.pt (TorchScript, device-free: it loads on any device), model.pt2 (AOTInductor for
     ``device``, unless ``aoti`` is False) and manifest.json.
     The source is exported first: the rankers' ``source_version`` is its version. The source's
     manifest gets its ``lineage`` (``lineage``, else ``architecture_lineage``) and ``ordinal``
-    (publish time in seconds); the rankers' declare they read that lineage from that ordinal on."""
+    (publish time in seconds); the rankers' declare they read that lineage from that ordinal on.
+
+    The trainer (services/trainer) publishes ``names=("source", "iat")`` with its own ``now``
+    (version names must increase), ``ordinal`` and ``source_min_ordinal`` (the oldest source
+    version whose stored InsEmbs the published ranker still accepts)."""
     import json
     import shutil
     import time
@@ -185,13 +191,18 @@ def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
 
     run_dir, model_dir = Path(run_dir), Path(model_dir)
     run = read_json(run_dir / RUN_FILE, "run.json (is --from a directory written by `iat train`?)")
-    now = datetime.now(timezone.utc)
+    now = now or datetime.now(timezone.utc)
     created = now.isoformat(timespec="seconds")
     device = resolve_device(device)
     out: dict[str, Path] = {}
     source_version = ""
-    ordinal = int(now.timestamp())
+    ordinal = int(now.timestamp()) if ordinal is None else ordinal
+    min_ordinal = ordinal if source_min_ordinal is None else source_min_ordinal
+    if "source" not in names:
+        raise ValueError(f"names: the source model is published with its rankers, got {names}")
     for name in ("source", "iat", "sif"):
+        if name not in names:
+            continue
         assert name in MODEL_NAMES
         src = run_dir / name
         inputs = [src / WEIGHTS_FILE, src / CONFIG_FILE]
@@ -222,7 +233,7 @@ def export_run(run_dir: str | Path, model_dir: str | Path, aoti: bool = True,
             lineage = lineage or architecture_lineage(config, run["feature_spec"])
             manifest.update(lineage=lineage, ordinal=ordinal)
         else:
-            manifest.update(source_lineage=lineage, source_min_ordinal=ordinal)
+            manifest.update(source_lineage=lineage, source_min_ordinal=min_ordinal)
         write_manifest(staging, manifest)
         if final.exists():
             shutil.rmtree(final)

@@ -2,7 +2,8 @@
 
 A Redis Stream ``{prefix}:stream:{name}``. Each entry carries what the sequencer needs to append
 to the user's sequence, plus side info:
-  user_id, ins_id (decimal), timestamp_ms, item_hash, and one ``label:<task>`` field per label.
+  user_id, ins_id (decimal), timestamp_ms, item_hash, one ``label:<task>`` field per label, and
+  ``features`` (base64 of the encoded features) for the trainer (services/trainer).
 The sequencer reads through a consumer group, writes the sequence, and only then ACKs; a crashed
 consumer's pending entries are taken over with XAUTOCLAIM. With idempotent sequence writes this
 gives exactly one sequence entry per instance.
@@ -43,6 +44,7 @@ retry publishes the batch again (duplicates are harmless: sequence writes are id
 """
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +62,7 @@ from storage.records import (
 
 log = logging.getLogger(__name__)
 LABEL_PREFIX = "label:"
+FEATURES_FIELD = "features"
 # How many entries follow an id (exclusive "(id" syntax), at most ARGV[2].
 COUNT_AFTER_LUA = "return #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])"
 
@@ -100,6 +103,9 @@ class InstanceEvent:
     labels: dict[str, int] = field(default_factory=dict)
     item_hash: int = 0
     entry_id: str | None = None
+    # The instance's encoded features (models.runtime.featurizer.pack_features), for the
+    # trainer; opaque here. Carried base64 in the entry's ``features`` field.
+    features: bytes | None = None
 
 
 @dataclass
@@ -121,6 +127,11 @@ def _fields(event, index: int) -> dict[str, str]:
     if not isinstance(labels, dict):
         raise InvalidRecord("labels", f"must be a dict task -> 0/1, got {type(labels).__name__}", index)
     out = {"user_id": user_id, "ins_id": str(ins_id), "timestamp_ms": str(timestamp_ms), "item_hash": str(item_hash)}
+    features = getattr(event, "features", None)
+    if features is not None:
+        if not isinstance(features, (bytes, bytearray)):
+            raise InvalidRecord("features", f"must be bytes, got {type(features).__name__}", index)
+        out[FEATURES_FIELD] = base64.b64encode(features).decode("ascii")
     for task, value in labels.items():
         if not isinstance(task, str) or not task:
             raise InvalidRecord("labels", f"task names must be non-empty strings, got {task!r}", index)
@@ -145,6 +156,7 @@ def _event(entry_id: bytes | str, fields: dict) -> InstanceEvent:
         item_hash=int(text.get("item_hash", 0)),
         labels={k[len(LABEL_PREFIX):]: int(v) for k, v in text.items() if k.startswith(LABEL_PREFIX)},
         entry_id=_text(entry_id),
+        features=base64.b64decode(text[FEATURES_FIELD]) if FEATURES_FIELD in text else None,
     )
 
 

@@ -233,6 +233,27 @@ class Featurizer:
         return self.assemble(user_id, timestamp_ms, context_categorical, context_numeric, rows)
 
 
+def pack_features(cat: np.ndarray, multi: np.ndarray, num: np.ndarray) -> bytes:
+    """One instance's encoded features as bytes (what the instance stream carries to the
+    trainer): cat int64 [F_cat], multi int64 [F_multi, M], num float32 [F_num], little-endian."""
+    return (np.ascontiguousarray(cat, dtype="<i8").tobytes() + np.ascontiguousarray(multi, dtype="<i8").tobytes()
+            + np.ascontiguousarray(num, dtype="<f4").tobytes())
+
+
+def unpack_features(spec: FeatureSpec, raw: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``pack_features`` inverted for ``spec``'s shapes; a size that does not match (features
+    packed for another schema) raises ``ValueError`` naming the sizes."""
+    n_cat, n_multi, n_num = len(spec.cat_fields), len(spec.multi_fields), len(spec.num_fields)
+    sizes = (8 * n_cat, 8 * n_multi * spec.max_multi, 4 * n_num)
+    if len(raw) != sum(sizes):
+        raise ValueError(f"features: {len(raw)} bytes, the schema needs {sum(sizes)} "
+                         f"({n_cat} cat, {n_multi}x{spec.max_multi} multi, {n_num} num)")
+    cat = np.frombuffer(raw, dtype="<i8", count=n_cat).astype(np.int64)
+    multi = np.frombuffer(raw, dtype="<i8", count=n_multi * spec.max_multi, offset=sizes[0])
+    num = np.frombuffer(raw, dtype="<f4", count=n_num, offset=sizes[0] + sizes[1])
+    return cat, multi.reshape(n_multi, spec.max_multi).astype(np.int64), num.astype(np.float32)
+
+
 class ItemEncodings:
     """A bounded LRU of candidates' ``item_row`` records by a content key (one per candidate:
     whatever identifies its item id and features, e.g. the candidate's wire bytes).

@@ -132,6 +132,17 @@ class SourcePass:
         self.stored = np.zeros((data.n, model.cfg.insemb_dim), dtype=np.float32)
         self.written = np.zeros(data.n, dtype=bool)
         self.losses: list[float] = []
+        self.last_logits: torch.Tensor | None = None  # a stream batch's logits, before its step
+
+    def _reserve(self, n: int) -> None:
+        """Room for rows < ``n`` (the online loop's data grows: models.training.online)."""
+        if n > len(self.stored):
+            size = max(n, 2 * len(self.stored))
+            stored = np.zeros((size, self.stored.shape[1]), dtype=np.float32)
+            stored[:len(self.stored)] = self.stored
+            written = np.zeros(size, dtype=bool)
+            written[:len(self.written)] = self.written
+            self.stored, self.written = stored, written
 
     def _users(self, rows: np.ndarray) -> list[str]:
         return [str(u) for u in self.data.user_ids[self.data.user_index[rows]]]
@@ -144,6 +155,7 @@ class SourcePass:
 
     def write(self, rows: np.ndarray) -> None:
         e = self.embed(rows)
+        self._reserve(int(rows.max()) + 1 if len(rows) else 0)
         self.provider.write(self.data.ins_id[rows], self._users(rows), self.data.ts_ms[rows], e)
         self.stored[rows] = e
         self.written[rows] = True
@@ -170,6 +182,7 @@ class SourcePass:
             logits, _ = streaming_forward(self.model, labelled_batch(data, rows, self.model.cfg),
                                           torch.from_numpy(hist), torch.from_numpy(mask))
             loss = bce(logits, torch.from_numpy(data.labels[rows]))
+            self.last_logits = logits.detach()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -42,11 +42,20 @@ class HistoryProvider(Protocol):
 class InMemoryHistoryProvider:
     """Per-user time-sorted lists; the reference ``HistoryProvider``."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, keep: int | None = None):
+        """``keep``: hold only each user's newest ``keep`` InsEmbs (a time-ordered writer such
+        as the online learner fetches no further back, so the bound changes no fetch)."""
         self.dim = dim
+        self.keep = keep
         self._keys: dict[str, list[tuple[int, int]]] = {}   # user -> sorted (ts, ins_id)
         self._emb: dict[int, np.ndarray] = {}
         self.writes = 0
+
+    def state(self) -> dict:
+        return {"keys": self._keys, "emb": self._emb, "writes": self.writes}
+
+    def load(self, state: dict) -> None:
+        self._keys, self._emb, self.writes = state["keys"], state["emb"], state["writes"]
 
     def write(self, ins_ids, user_ids, ts_ms, embeddings) -> None:
         embeddings = np.asarray(embeddings, dtype=np.float32)
@@ -59,6 +68,10 @@ class InMemoryHistoryProvider:
                 bisect.insort(keys, (ts, ins))
             self._emb[ins] = emb.copy()
             self.writes += 1
+            if self.keep is not None and len(keys) > self.keep:
+                for _, old in keys[:len(keys) - self.keep]:
+                    self._emb.pop(old, None)
+                del keys[:len(keys) - self.keep]
 
     def fetch(self, user_ids, before_ms, limit):
         out = np.zeros((len(user_ids), limit, self.dim), dtype=np.float32)

@@ -33,11 +33,12 @@ import redis.cluster
 
 from contract.history import History
 from models.runtime.hashing import ins_id as make_ins_id
+from models.runtime.featurizer import pack_features
 from models.runtime.loader import SourceModel
 from services.source.protocol import Instance
 from storage.instance_store import InstanceStore
 from storage.records import InstanceRecord
-from storage.stream import PartitionedStream
+from storage.stream import InstanceEvent, PartitionedStream
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +103,16 @@ class Ingestor:
             out.append(History.items_only(ts, items))
         return out
 
-    def write(self, records: list[InstanceRecord]) -> None:
+    def write(self, records: list[InstanceRecord], events: list[InstanceEvent]) -> None:
         """Records, their sequence membership and their stream entries (see the module docstring)."""
         client = self.stream.client
         if isinstance(client, redis.cluster.RedisCluster):
-            self.stream.publish(records)  # first: a failure before the store leaves nothing a read uses
+            self.stream.publish(events)  # first: a failure before the store leaves nothing a read uses
             self.store.write_and_append(records, keep_stored=True)
             return
         pipe = client.pipeline(transaction=True)
         self.store.write_and_append(records, keep_stored=True, pipe=pipe)  # a stored record stays as it is
-        self.stream.publish(records, pipe=pipe)
+        self.stream.publish(events, pipe=pipe)
         pipe.execute()  # raises the first error reply
 
     def ingest(self, instances: list[Instance]) -> list[int]:
@@ -138,7 +139,14 @@ class Ingestor:
             )
             for k, inst in enumerate(instances)
         ]
-        self.write(records)
+        # The stream entry carries the encoded features too: the trainer trains on exactly what
+        # the source model embedded (services/trainer).
+        events = [
+            InstanceEvent(user_id=r.user_id, ins_id=r.ins_id, timestamp_ms=r.timestamp_ms, labels=r.labels,
+                          item_hash=r.item_hash, features=pack_features(cat[k], multi[k], num[k]))
+            for k, r in enumerate(records)
+        ]
+        self.write(records, events)
         t4 = time.perf_counter()
         tm = self.timings
         tm.featurize += t1 - t0
