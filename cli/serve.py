@@ -1,4 +1,4 @@
-"""`iat serve ranking|source|sequencer`: run one service in the foreground.
+"""`iat serve ranking|source|sequencer|trainer`: run one service in the foreground.
 
 Every option defaults to the environment (services.config.Settings); flags override it.
 """
@@ -15,6 +15,7 @@ SERVICES = {
     "ranking": ("services.ranking.main", "ranking_http_port"),
     "source": ("services.source.main", "source_http_port"),
     "sequencer": ("services.sequencer.main", "sequencer_http_port"),
+    "trainer": ("services.trainer.main", "trainer_http_port"),
 }
 
 

@@ -92,6 +92,20 @@ class Settings(BaseSettings):
         description='stream partitions this sequencer reads: "all", a list "0,2,5", or "k/n" '
                     "(every partition p with p % n == k)")
 
+    # Trainer (services/trainer): online learning from the instance stream (its own group).
+    trainer_dir: Path = Field(default=Path("runs/trainer"), description="the trainer's checkpoint and staging files")
+    trainer_partitions: str = Field(default="all", description='stream partitions this trainer reads (as IAT_SEQUENCER_PARTITIONS)')
+    trainer_batch_size: int = Field(default=256, gt=0, description="instances per optimiser step")
+    trainer_publish_every: int = Field(default=10_000, gt=0, description="publish a version every this many trained instances")
+    trainer_publish_interval_s: float = Field(default=600.0, ge=0, description="... or this often when anything was trained; 0: by count only")
+    trainer_checkpoint_every: int = Field(default=0, ge=0, description="checkpoint every this many instances; 0: at each publish")
+    trainer_flush_s: float = Field(default=2.0, ge=0, description="train a partial batch after the stream was idle this long; 0: never")
+    trainer_seed: int = Field(default=0, ge=0)
+    trainer_lr: float = Field(default=2e-3, gt=0)
+    trainer_history_limit: int = Field(default=127, gt=0, description="past InsEmbs fetched per instance (Eq. 8: L - 1)")
+    trainer_window: int = Field(default=2048, gt=0, description="progressive validation: the last this many instances")
+    trainer_http_port: int = 8003
+
     # Background workers (sequencer consumers, the source's raw-stream consumer): a failed pass
     # is retried after base * 2**failures seconds, at most cap; /healthz fails when one is dead,
     # or has had no pass end, or no pass succeed, for worker_stall_s (an unreachable store or a
@@ -135,6 +149,11 @@ class Settings(BaseSettings):
     def owned_partitions(self) -> list[int]:
         """The stream partitions this sequencer reads, in order."""
         return parse_partitions(self.sequencer_partitions, self.stream_partitions)
+
+    @property
+    def trainer_owned_partitions(self) -> list[int]:
+        """The stream partitions this trainer reads, in order."""
+        return parse_partitions(self.trainer_partitions, self.stream_partitions)
 
     @property
     def movielens_dir(self) -> Path:

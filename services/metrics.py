@@ -120,6 +120,29 @@ STREAM_DROPPED = Counter(
     ["reason"],
 )
 
+# --- trainer (services/trainer) --------------------------------------------------------
+TRAINER_INSTANCES = Counter("iat_trainer_instances_total", "Instances the trainer trained on", ["partition"])
+TRAINER_DEFAULTED_LABELS = Counter(
+    "iat_trainer_defaulted_labels_total",
+    "Task labels still unknown when an instance's label window closed, trained as the policy says (0)", ["task"],
+)
+TRAINER_SKIPPED = Counter(
+    "iat_trainer_skipped_total", "Stream entries the trainer acked without training on them", ["reason"],
+)
+TRAINER_WAITING = Gauge("iat_trainer_waiting_instances", "Instances read and waiting for their labels or window")
+TRAINER_PUBLISHED = Counter("iat_trainer_published_total", "Versions the trainer published")
+TRAINER_CHECKPOINTS = Counter("iat_trainer_checkpoints_total", "Checkpoints the trainer wrote")
+TRAINER_STEP_SECONDS = Histogram(
+    "iat_trainer_step_seconds", "One optimiser step of both models on one batch",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+PROGRESSIVE_AUC = Gauge(
+    "iat_progressive_auc", "Predict-then-train AUC over the trainer's sliding window", ["model", "task"],
+)
+PROGRESSIVE_LOGLOSS = Gauge(
+    "iat_progressive_logloss", "Predict-then-train LogLoss over the trainer's sliding window", ["model", "task"],
+)
+
 # --- every service's background workers ------------------------------------------------
 WORKER_ERRORS = Counter(
     "iat_worker_errors_total",

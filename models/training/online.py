@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from models.data.prepared import PreparedData
+from models.runtime.featurizer import FeatureSpec
 from models.nn.downstream import IATDownstream
 from models.nn.source import UserOrderSource
 from models.training.downstream import iat_batch
@@ -118,11 +119,11 @@ class OnlineLog:
             self.cols[k] = b
 
     def append(self, user_ids, ins_ids, ts_ms, item_hash, cat, multi, num, labels) -> np.ndarray:
-        """Append instances (already in time order, after every row so far); their row indices."""
+        """Append instances; their row indices. A row's history is the same user's rows with an
+        earlier timestamp whenever they were appended (a time-ordered replay appends in time
+        order, so each row is appended after its whole history, as offline)."""
         k = len(ts_ms)
         ts_ms = np.asarray(ts_ms, np.int64)
-        if k and self.n and ts_ms[0] < self.cols["ts_ms"][self.n - 1]:
-            raise ValueError("timestamp_ms: instances must be appended in time order")
         self._grow(self.n + k)
         index = []
         for u in user_ids:
@@ -172,6 +173,21 @@ class OnlineLog:
 def empty_like(data: PreparedData) -> PreparedData:
     """A zero-row ``PreparedData`` with ``data``'s schema (what an ``OnlineLog`` needs)."""
     return OnlineLog(data, capacity=1).view()
+
+
+def empty_data(spec: FeatureSpec, tasks: list[str], name: str = "stream") -> PreparedData:
+    """A zero-row ``PreparedData`` for a model's feature spec (the manifest's ``schema``): the
+    schema of the instances the trainer reads from the stream."""
+    f_cat, f_multi, f_num = len(spec.cat_fields), len(spec.multi_fields), len(spec.num_fields)
+    return PreparedData(
+        name=name, tasks=list(tasks), user_ids=np.array([], dtype=object), user_index=np.zeros(0, np.int64),
+        item_ids=np.array([], dtype=object), item_hash=np.zeros(0, np.int64), ts_ms=np.zeros(0, np.int64),
+        ins_id=np.zeros(0, np.uint64), cat=np.zeros((0, f_cat), np.int64),
+        multi=np.zeros((0, f_multi, spec.max_multi), np.int64), num=np.zeros((0, f_num), np.float32),
+        labels=np.zeros((0, len(tasks)), np.float32), split=np.zeros(0, np.int8), cat_fields=list(spec.cat_fields),
+        multi_fields=list(spec.multi_fields), num_fields=list(spec.num_fields),
+        field_groups={k: list(v) for k, v in spec.field_groups.items()}, n_buckets=spec.n_buckets,
+        item_field=spec.item_field, user_field=spec.user_field, num_stats=dict(spec.num_stats))
 
 
 @dataclass
