@@ -37,6 +37,7 @@ from services.source.protocol import (
     LabelItemResult,
     LabelsRequest,
     LabelsResponse,
+    ModelInfo,
     distinct_instances,
     validate_against_model,
     validate_label_updates,
@@ -97,10 +98,10 @@ class SourceService:
         self.ingestor.model = model
         self.model = model
 
-    def model_info(self) -> dict:
+    def model_info(self) -> ModelInfo:
         model = self.model  # one read: a consistent answer during a swap
-        return {"name": model.name, "version": model.version, "lineage": model.manifest.lineage,
-                "ordinal": model.manifest.ordinal, "runtime": model.runtime, "device": str(model.device)}
+        return ModelInfo(name=model.name, version=model.version, lineage=model.manifest.lineage,
+                         ordinal=model.manifest.ordinal, runtime=model.runtime, device=str(model.device))
 
     async def watch_model(self, interval_s: float) -> None:
         while True:
@@ -197,7 +198,7 @@ class SourceService:
             metrics.INGEST_LATENCY.observe(time.perf_counter() - start)
             return response
 
-        @app.get("/v1/model")
+        @app.get("/v1/model", response_model=ModelInfo)
         async def get_model():
             """The source model serving now (it changes on a hot reload)."""
             return self.model_info()
