@@ -136,6 +136,7 @@ def run_demo(data_dir: Path | None, out_dir: Path, max_users: int, quick: bool, 
     from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
     from tqdm import tqdm
 
+    from harness.sequencing import service_stream, wait_sequenced
     from models.data.prepared import load_dataset
     from models.data.raw import raw_instances
     from models.data.schema import DatasetSchema, load_schema
@@ -143,7 +144,6 @@ def run_demo(data_dir: Path | None, out_dir: Path, max_users: int, quick: bool, 
     from models.training.registry import ExperimentConfig
     from models.training.serving_set import train_serving_set
     from storage.connection import EmbeddedRedis, connect
-    from storage.stream import InstanceStream
 
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +194,7 @@ def run_demo(data_dir: Path | None, out_dir: Path, max_users: int, quick: bool, 
         keep = np.isin(full.user_index, users)
         replay_rows = np.flatnonzero(keep & (full.split < 2))
         client = connect(redis_server.url, cluster=False)
-        stream = InstanceStream(client)
+        stream = service_stream(client)  # every partition (IAT_STREAM_PARTITIONS)
         with httpx.Client(timeout=120) as http, tqdm(total=len(replay_rows), unit="inst", desc="   replay",
                                                       disable=None) as bar:
             for start in range(0, len(replay_rows), 512):
@@ -203,10 +203,8 @@ def run_demo(data_dir: Path | None, out_dir: Path, max_users: int, quick: bool, 
                 response.raise_for_status()
                 bar.update(len(batch))
                 # keep the sequencer close behind, as live traffic would
-                while stream.lag() > 2048:
-                    time.sleep(0.01)
-        while stream.lag() or stream.pending_count():
-            time.sleep(0.05)
+                wait_sequenced(stream, at_most=2048, poll_s=0.01)
+        wait_sequenced(stream)
         say(f"   {len(replay_rows):,} instances stored and sequenced")
 
         say("== 6/6 scoring held-out requests over gRPC")

@@ -40,8 +40,8 @@ def start_service(kind: str, env: dict, log_dir: Path, extra: list[str] = ()) ->
 
 def seed(source_url: str, redis_url: str, instances: list[dict], batch: int = 512) -> float:
     """Replay through the source service; wait until the sequencer has caught up. Seconds taken."""
+    from harness.sequencing import service_stream, wait_sequenced
     from storage.connection import connect
-    from storage.stream import InstanceStream
 
     start = time.perf_counter()
     with httpx.Client(base_url=source_url, timeout=300) as client:
@@ -49,10 +49,7 @@ def seed(source_url: str, redis_url: str, instances: list[dict], batch: int = 51
             response = client.post("/v1/instances", json={"instances": instances[k:k + batch]})
             response.raise_for_status()
     redis = connect(redis_url)
-    stream = InstanceStream(redis)
-    deadline = time.monotonic() + 300
-    while (stream.lag() or stream.pending_count()) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_sequenced(service_stream(redis), timeout_s=300, poll_s=0.1)  # every partition
     redis.close()
     return time.perf_counter() - start
 

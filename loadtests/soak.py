@@ -26,11 +26,11 @@ import numpy as np
 from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from harness.processes import ServiceProcess, ensure_quick_models, free_port
+from harness.sequencing import service_stream
 from models.data.raw import raw_instances
 from models.data.schema import load_schema
 from services.config import Settings
 from storage.connection import EmbeddedRedis, connect
-from storage.stream import InstanceStream
 
 USER_SIDE = ("age", "gender", "occupation", "zip_code")
 DAY_MS = 86_400_000
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for s in services:
             s.wait_ready()
-        stream = InstanceStream(client)
+        stream = service_stream(client)  # lag and pending summed over every partition
         threads = [threading.Thread(target=ingest_loop, args=(services[1].url, instances, args.ingest_rate,
                                                               args.ingest_batch, stop, counters, scorable))]
         threads += [threading.Thread(target=score_loop, args=(f"127.0.0.1:{grpc_port}", args.score_rate / args.score_threads,

@@ -353,6 +353,20 @@ class SourceModel(_Loaded):
         insemb, codes = self._run(*(_pad_rows(a, MIN_DYNAMIC) for a in (cat, multi, num, seq)))
         return insemb[:b].float().cpu().numpy(), codes[:b].cpu().numpy().astype(self.code_dtype)
 
+    def warmup(self, rounds: int = 3) -> None:
+        """A few batches at typical sizes, full histories (first calls allocate and, for
+        TorchScript, optimise): a version swapped in while serving starts warm."""
+        rng = np.random.default_rng(0)
+        n_cat, n_multi, m, n_num = self._widths
+        for b in (1, 64, 512):
+            cat = rng.integers(0, self.feature_spec.n_buckets, (b, n_cat))
+            ts = np.full(b, 10_000_000, dtype=np.int64)
+            history = [History.items_only(np.arange(self.history_length, dtype=np.int64)[::-1] + 1_000,
+                                          rng.integers(0, self.feature_spec.n_buckets, self.history_length))] * b
+            for _ in range(rounds):
+                self.embed(cat, np.full((b, n_multi, m), -1), np.zeros((b, n_num), np.float32),
+                           cat[:, self._item_column], ts, history if self.history_length else None)
+
 
 def load_source_model(path: str | Path, runtime: str = "torchscript", device: str = "auto") -> SourceModel:
     return SourceModel(*_open(path, runtime, device, ("source",)), runtime)

@@ -32,8 +32,8 @@ import numpy as np
 import redis.cluster
 
 from contract.history import History
-from models.runtime.hashing import ins_id as make_ins_id
 from models.runtime.featurizer import pack_features
+from models.runtime.hashing import ins_id as make_ins_id
 from models.runtime.loader import SourceModel
 from services.source.protocol import Instance
 from storage.instance_store import InstanceStore
@@ -57,22 +57,26 @@ class IngestTimings:
 
 
 class Ingestor:
+    """``model`` may be replaced at any time by a compatible version (services/source/reload.py):
+    ``ingest`` reads the reference once, so one batch runs on one model from start to end."""
+
     def __init__(self, model: SourceModel, store: InstanceStore, stream: PartitionedStream) -> None:
         self.model = model
         self.store = store
         self.stream = stream
         self.timings = IngestTimings()
-        self._item_col = model.featurizer.spec.cat_fields.index(model.featurizer.spec.item_field)
 
-    def featurize(self, instances: list[Instance]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        encode = self.model.featurizer.encode
+    @staticmethod
+    def featurize(model: SourceModel, instances: list[Instance]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        encode = model.featurizer.encode
         parts = [
             encode(i.user_id, i.timestamp_ms, [i.item_id], i.features.categorical, i.features.numeric, [{}], [{}])
             for i in instances
         ]
         return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
 
-    def histories(self, instances: list[Instance], ids: list[int], item_hashes: np.ndarray) -> list[History] | None:
+    def histories(self, model: SourceModel, instances: list[Instance], ids: list[int],
+                  item_hashes: np.ndarray) -> list[History] | None:
         """Streaming user-order (IAT Eq. 7-8): each instance's previous instances.
 
         The store's sequence holds every stored instance (written with its record), read here
@@ -80,9 +84,9 @@ class Ingestor:
         same user's EARLIER instances in this very batch are not stored yet: they are merged in
         here, so a replay that sends a user's instances together embeds them as training did.
         """
-        if not self.model.history_length:
+        if not model.history_length:
             return None
-        limit = self.model.history_length
+        limit = model.history_length
         found = self.store.read_histories([i.user_id for i in instances], [i.timestamp_ms for i in instances], limit)
         by_user: dict[str, list[int]] = {}
         for k, inst in enumerate(instances):
@@ -119,23 +123,25 @@ class Ingestor:
         """Embed, store and publish a batch; returns the InsIDs in input order."""
         # raises StreamBacklogFull: nothing is computed or written
         self.stream.check_backlog(i.user_id for i in instances)
+        model = self.model  # one read: a reload between batches, never inside one
         t0 = time.perf_counter()
         ids = [make_ins_id(i.request_id, i.item_id, i.timestamp_ms) for i in instances]
-        cat, multi, num = self.featurize(instances)
+        cat, multi, num = self.featurize(model, instances)
         ts = np.array([i.timestamp_ms for i in instances], dtype=np.int64)
-        item_hashes = cat[:, self._item_col].copy()
+        spec = model.feature_spec
+        item_hashes = cat[:, spec.cat_fields.index(spec.item_field)].copy()
         t1 = time.perf_counter()
-        history = self.histories(instances, ids, item_hashes)
+        history = self.histories(model, instances, ids, item_hashes)
         t2 = time.perf_counter()
-        embeddings, codes = self.model.embed(cat, multi, num, item_hashes, ts, history)
+        embeddings, codes = model.embed(cat, multi, num, item_hashes, ts, history)
         t3 = time.perf_counter()
         records = [
             InstanceRecord(
                 ins_id=ids[k], user_id=inst.user_id, timestamp_ms=inst.timestamp_ms,
                 embedding=embeddings[k], codes=None if codes is None else codes[k],
                 labels=dict(inst.labels), item_hash=int(item_hashes[k]),
-                source_version=self.model.version, source_lineage=self.model.manifest.lineage,
-                source_ordinal=self.model.manifest.ordinal or 0,
+                source_version=model.version, source_lineage=model.manifest.lineage,
+                source_ordinal=model.manifest.ordinal or 0,
             )
             for k, inst in enumerate(instances)
         ]

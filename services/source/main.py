@@ -37,11 +37,13 @@ from services.source.protocol import (
     LabelItemResult,
     LabelsRequest,
     LabelsResponse,
+    ModelInfo,
     distinct_instances,
     validate_against_model,
     validate_label_updates,
 )
 from services.source.raw_stream import RawInstanceConsumer
+from services.source.reload import SOURCE_MODEL_NAME, SourceReloader, publish_info
 from services.stores import instance_store, instance_stream, redis_client
 from storage.errors import STORE_ERRORS
 from storage.late_labels import (
@@ -57,7 +59,6 @@ from storage.records import InvalidRecord
 from storage.stream import InstanceStream, StreamBacklogFull
 
 log = logging.getLogger(__name__)
-SOURCE_MODEL_NAME = "source"
 # One executor thread runs the model: micro-batches are coalesced, never run side by side.
 MODEL_WORKERS = 1
 
@@ -72,6 +73,10 @@ class SourceService:
         if path is None:
             raise FileNotFoundError(f"no source model under {settings.model_dir}/{SOURCE_MODEL_NAME}: run `iat export`")
         self.model = load_source_model(path, runtime=settings.runtime, device=settings.device)
+        metrics.MODEL_RELOADS.labels(SOURCE_MODEL_NAME, "loaded").inc()
+        publish_info(self.model)
+        self.reloader = SourceReloader(settings.model_dir, self.model, self.use_model, runtime=settings.runtime,
+                                       device=settings.device)
         self.store = instance_store(self.client, settings, RecordLayout.from_manifest(self.model.manifest))
         self.stream = instance_stream(self.client, settings)
         self.ingestor = Ingestor(self.model, self.store, self.stream)
@@ -85,6 +90,26 @@ class SourceService:
         # What /healthz watches: the batcher's task (it has no passes while idle: dead check
         # only) and, when configured, the raw-stream consumer (added at start-up).
         self.liveness = [WorkerLiveness("ingest-batcher", None, lambda: self.batcher.running)]
+
+    def use_model(self, model) -> None:
+        """Serve ``model`` from the next micro-batch on (a checked, warmed-up compatible version):
+        two reference assignments; the batch in flight keeps the model it read. The ingest path's
+        first, so once /v1/model names the new version every batch started after runs it."""
+        self.ingestor.model = model
+        self.model = model
+
+    def model_info(self) -> ModelInfo:
+        model = self.model  # one read: a consistent answer during a swap
+        return ModelInfo(name=model.name, version=model.version, lineage=model.manifest.lineage,
+                         ordinal=model.manifest.ordinal, runtime=model.runtime, device=str(model.device))
+
+    async def watch_model(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.to_thread(self.reloader.refresh)
+            except Exception:  # a reload must never take the service down
+                log.exception("source model refresh failed")
 
     async def ingest(self, request: IngestRequest) -> IngestResponse:
         validate_against_model(request.instances, self.model.featurizer, self.model.tasks,
@@ -125,16 +150,21 @@ class SourceService:
                 consumer = asyncio.create_task(self.raw_consumer.run())
                 self.raw_consumer.liveness.is_alive = lambda: not consumer.done()
                 self.liveness.append(self.raw_consumer.liveness)
+            interval = self.settings.reload_interval_s
+            watcher = asyncio.create_task(self.watch_model(interval)) if interval else None
             gc.collect()
             gc.freeze()  # the loaded model and start-up objects stay out of GC passes
             yield
+            if watcher:
+                watcher.cancel()
             if consumer:
                 consumer.cancel()
             await self.batcher.stop()
             self.executor.shutdown(wait=False)
 
         async def model_ok() -> tuple[bool, str]:
-            return True, f"{self.model.name} {self.model.version} ({self.model.runtime} on {self.model.device})"
+            model = self.model
+            return True, f"{model.name} {model.version} ({model.runtime} on {model.device})"
 
         app = FastAPI(title="iat source", version="1", lifespan=lifespan,
                       description="Turns instances into InsEmbs and SIF codes, stores them, streams them.")
@@ -167,6 +197,11 @@ class SourceService:
             metrics.INSTANCES.labels("accepted").inc(response.accepted)
             metrics.INGEST_LATENCY.observe(time.perf_counter() - start)
             return response
+
+        @app.get("/v1/model", response_model=ModelInfo)
+        async def get_model():
+            """The source model serving now (it changes on a hot reload)."""
+            return self.model_info()
 
         @app.post("/v1/labels", response_model=LabelsResponse)
         async def post_labels(body: LabelsRequest):

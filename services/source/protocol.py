@@ -173,6 +173,17 @@ class LabelsResponse(BaseModel):
     results: list[LabelItemResult]  # one per update, in order
 
 
+class ModelInfo(BaseModel):
+    """``GET /v1/model``: the source model serving now (a hot reload changes it)."""
+
+    name: str
+    version: str
+    lineage: str | None   # None: an artifact exported before lineages
+    ordinal: int | None
+    runtime: str
+    device: str
+
+
 def validate_label_updates(updates: list[LabelUpdateItem], tasks: list[str], max_batch: int) -> None:
     if len(updates) > max_batch:
         raise IngestRejected("updates", f"{len(updates)} updates, the limit is {max_batch}")
