@@ -39,6 +39,15 @@ HISTORY_LENGTH = Histogram(
 CANDIDATES = Histogram(
     "iat_ranking_candidates", "Candidates per Score request", buckets=SIZE_BUCKETS,
 )
+SCORE_BATCH_REQUESTS = Histogram(
+    "iat_ranking_score_batch_requests",
+    "Score requests per forward of the cross-request batcher (IAT_SCORE_BATCH_WAIT_MS > 0)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+)
+SCORE_BATCH_CANDIDATES = Histogram(
+    "iat_ranking_score_batch_candidates", "Candidates per forward of the cross-request batcher",
+    buckets=SIZE_BUCKETS + (4096, 8192),
+)
 MODEL_INFO = Gauge(
     "iat_ranking_model_info", "Loaded models (value 1), with version and source-model version",
     ["model", "version", "source_version", "runtime", "device"],

@@ -78,7 +78,7 @@ class CrossAttention(nn.Module):
         (row of query at request r's slot j, any row where r has fewer than W candidates);
         slots [C] (r * W + j of each row). Per request this is the shared-memory multi-query
         attention of ``forward``; the rows outside the attention run as one batch."""
-        c, d = query.shape
+        d = query.shape[1]
         r, w = pad_index.shape
         q = self.q(self.norm_q(query))
         q = q[pad_index].view(r, w, self.heads, d // self.heads).transpose(1, 2)   # [R, H, W, dh]

@@ -29,6 +29,7 @@ from models.runtime.loader import RankingModel
 from services import metrics
 from services.config import Settings
 from services.health import StoreGuard
+from services.ranking.batching import ScoreBatcher
 from services.ranking.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -70,6 +71,7 @@ class RankingServing:
         # Torch releases the GIL in kernels: a small pool overlaps one request's forward with
         # another's fetch and featurization without oversubscribing the cores.
         self.executor = ThreadPoolExecutor(max_workers=settings.model_threads, thread_name_prefix="model")
+        self.batcher = ScoreBatcher(self.executor, settings.score_batch_wait_ms, settings.score_batch_max_candidates)
 
     def store_for(self, model: RankingModel) -> AsyncInstanceStore:
         """A store decoding records the way this model's source model wrote them (one per layout)."""
@@ -218,10 +220,13 @@ class RankingServing:
         if deadline is not None and t_fetch >= deadline:
             raise DeadlineExceeded("deadline passed before the model ran")
         if query.num_candidates:
-            loop = asyncio.get_running_loop()
-            scores = await loop.run_in_executor(
-                self.executor, model.score_prepared, prepared, query.request_time_ms, cat, multi, num
-            )
+            if self.batcher.enabled and model.batches_requests:
+                scores = await self.batcher.score(model, prepared, query.request_time_ms, cat, multi, num)
+            else:
+                loop = asyncio.get_running_loop()
+                scores = await loop.run_in_executor(
+                    self.executor, model.score_prepared, prepared, query.request_time_ms, cat, multi, num
+                )
             if key is not None:
                 self.histories.put(key, entry)  # after the model: its encoded user state is counted
         else:
