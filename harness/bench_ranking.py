@@ -252,6 +252,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", default="1",
                         help="IAT_RANKING_WORKERS of the served process; several counts (e.g. 1,2): also "
                              "gRPC saturation at each, against cores / forward time")
+    parser.add_argument("--batch-wait-ms", default="",
+                        help="cross-request batching side by side (harness/bench_batching.py): IAT_SCORE_BATCH_WAIT_MS "
+                             "values, the first the reference (e.g. 0,5); one served process each, gRPC at saturation")
+    parser.add_argument("--batch-concurrency", default="1,4,16", help="requests in flight for --batch-wait-ms")
+    parser.add_argument("--batch-rounds", type=int, default=4,
+                        help="alternating slices per setting for --batch-wait-ms (--saturation-s split among them)")
     parser.add_argument("--peer", action="append", default=[], metavar="NAME=URL",
                         help="another Score endpoint speaking the REST JSON, timed alongside (repeatable)")
     parser.add_argument("--grpc-peer", action="append", default=[], metavar="NAME=HOST:PORT",
@@ -738,6 +744,9 @@ def markdown(result: dict) -> str:
                 if v else "-" for v in vals) + " |")
     if result.get("scaling"):
         lines += ["", scaling_markdown(result["scaling"])]
+    if result.get("batching"):
+        from harness.bench_batching import batching_markdown
+        lines += ["", batching_markdown(result["batching"])]
     rat = result["ratios"]
     if rat:
         extra = sorted({k for r in rat for k in r if k not in ("candidates", "history", "floor_p50_ms")})
@@ -793,6 +802,9 @@ def run(args: argparse.Namespace) -> int:
             server = None
         if len(_ints(args.workers, "workers")) > 1 and args.saturation_s > 0:
             result["scaling"] = scaling(args, model_dir, url, workload, result)
+        if args.batch_wait_ms and args.saturation_s > 0:
+            from harness.bench_batching import batching
+            result["batching"] = batching(args, model_dir, url, workload)
     finally:
         machine.stop()
         if server:
@@ -806,7 +818,7 @@ def run(args: argparse.Namespace) -> int:
         "python": platform.python_version(), "machine": platform.machine(),
         "redis": "embedded (unix socket)" if embedded is not None else "REDIS URL given",
         "model_dir": str(model_dir), "concurrency": args.concurrency, "machine": machine.summary(),
-        "workers": args.workers,
+        "workers": args.workers, "batch_wait_ms": args.batch_wait_ms,
     })
     return emit(result, args.json_path, markdown)
 

@@ -1,13 +1,16 @@
 """Cross-request micro-batching of Score's forward (``IAT_SCORE_BATCH_WAIT_MS`` > 0; 0 = off).
 
-Concurrent Scores for the same loaded model meet here after their own fetch and featurization:
-the first opens a batch and waits at most ``IAT_SCORE_BATCH_WAIT_MS`` for others, or until the
-batch holds ``IAT_SCORE_BATCH_MAX_CANDIDATES`` candidates; the batch then runs as one forward on
-the model pool (``RankingModel.score_batch``): each request's user side encoded once (or reused
-from the history cache) exactly as alone, the candidates of all of them in one batch. Each
-request gets its own rows back, in its own order, or its own error: one bad request never fails
-the others. What it buys is fewer, larger forwards (per-call overhead paid once; what a GPU
-needs); what it costs is up to the wait on a request that finds no company.
+Concurrent Scores for the same loaded model meet here after their own fetch and featurization.
+A request that finds a model thread free goes at once (with whoever arrived in the same turn of
+the event loop): batching never delays a request on an idle service. While every model thread is
+busy, requests collect into one batch, which goes when a thread frees up, when it holds
+``IAT_SCORE_BATCH_MAX_CANDIDATES`` candidates, or ``IAT_SCORE_BATCH_WAIT_MS`` after it opened,
+whichever comes first. A batch runs as one forward (``RankingModel.score_batch``): each request's
+user side encoded once (or reused from the history cache) exactly as alone, the candidates of all
+of them in one batch; each request gets its own rows back, in its own order, or its own error:
+one bad request never fails the others. What it buys is fewer, larger forwards (per-call
+overhead paid once; what a GPU needs); what it can cost on CPU is parallelism: one batch is one
+forward on one model thread where the requests alone would have used several.
 Used from the event loop's thread only.
 """
 from __future__ import annotations
@@ -28,12 +31,14 @@ class _Batch:
     items: list = field(default_factory=list)     # score_batch's (prepared, time, cat, multi, num)
     futures: list = field(default_factory=list)   # one per item, same order
     candidates: int = 0
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.Handle | None = None
 
 
 class ScoreBatcher:
-    def __init__(self, executor: Executor, wait_ms: float, max_candidates: int) -> None:
+    def __init__(self, executor: Executor, threads: int, wait_ms: float, max_candidates: int) -> None:
         self.executor = executor
+        self.threads = int(threads)  # the executor's model threads
+        self.running = 0  # batches handed to the executor and not done
         self.wait_s = float(wait_ms) / 1000.0
         self.max_candidates = int(max_candidates)
         self._open: dict[int, _Batch] = {}  # by id(model): a reloaded version batches apart
@@ -51,7 +56,10 @@ class ScoreBatcher:
         batch = self._open.get(id(model))
         if batch is None:
             batch = self._open[id(model)] = _Batch(model)
-            batch.timer = loop.call_later(self.wait_s, self._flush, batch)
+            if self.running < self.threads:
+                batch.timer = loop.call_soon(self._flush, batch)  # a thread is free: this turn's arrivals only
+            else:
+                batch.timer = loop.call_later(self.wait_s, self._flush, batch)
         future = loop.create_future()
         batch.items.append((prepared, request_time_ms, cat, multi, num))
         batch.futures.append(future)
@@ -65,6 +73,7 @@ class ScoreBatcher:
             return  # already flushed (full before its timer fired)
         del self._open[id(batch.model)]
         batch.timer.cancel()
+        self.running += 1
         metrics.SCORE_BATCH_REQUESTS.observe(len(batch.items))
         metrics.SCORE_BATCH_CANDIDATES.observe(batch.candidates)
         task = asyncio.get_running_loop().create_task(self._run(batch))
@@ -77,6 +86,10 @@ class ScoreBatcher:
             results = await loop.run_in_executor(self.executor, batch.model.score_batch, batch.items)
         except Exception as exc:  # noqa: BLE001 - score_batch hands back errors per request; this is the pool itself
             results = [exc] * len(batch.items)
+        finally:
+            self.running -= 1
+            if self._open:  # a thread is free: the oldest waiting batch goes now
+                self._flush(next(iter(self._open.values())))
         for future, result in zip(batch.futures, results):
             if future.done():
                 continue  # that request was cancelled (deadline, client gone)

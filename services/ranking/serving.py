@@ -71,7 +71,8 @@ class RankingServing:
         # Torch releases the GIL in kernels: a small pool overlaps one request's forward with
         # another's fetch and featurization without oversubscribing the cores.
         self.executor = ThreadPoolExecutor(max_workers=settings.model_threads, thread_name_prefix="model")
-        self.batcher = ScoreBatcher(self.executor, settings.score_batch_wait_ms, settings.score_batch_max_candidates)
+        self.batcher = ScoreBatcher(self.executor, settings.model_threads, settings.score_batch_wait_ms,
+                                    settings.score_batch_max_candidates)
 
     def store_for(self, model: RankingModel) -> AsyncInstanceStore:
         """A store decoding records the way this model's source model wrote them (one per layout)."""
