@@ -92,9 +92,9 @@ def batching(args, model_dir, redis_url: str, workload) -> list[dict]:
     slice_s = args.saturation_s / rounds
     servers = {}
     try:
-        for w in waits:
-            servers[w] = RankingProcess(model_dir, redis_url, args.threads, args.runtime,
-                                        args.work_dir / f"ranking-batch-{w:g}ms.log",
+        for i, w in enumerate(waits):  # a value may repeat: two processes alike show the noise
+            servers[i] = RankingProcess(model_dir, redis_url, args.threads, args.runtime,
+                                        args.work_dir / f"ranking-batch-{i}-{w:g}ms.log",
                                         extra_env={"IAT_SCORE_BATCH_WAIT_MS": str(w)})
         for server in servers.values():
             server.wait_ready(180)
@@ -106,9 +106,10 @@ def batching(args, model_dir, redis_url: str, workload) -> list[dict]:
                         for k in range(max(concurrencies))]
             for conc in concurrencies:
                 acc = {w: {"completed": 0, "errors": 0, "seconds": 0.0, "lat": [], "forwards": 0.0,
-                           "batched": 0.0, "cpu": 0.0} for w in waits}
+                           "batched": 0.0, "cpu": 0.0} for w in range(len(waits))}
                 for r in range(rounds):
-                    for w in (waits if r % 2 == 0 else waits[::-1]):
+                    order = list(range(len(waits)))
+                    for w in (order if r % 2 == 0 else order[::-1]):
                         a = acc[w]
                         sat, lat, forwards, batched, cpu = _drive(servers[w], messages[:conc], slice_s)
                         a["cpu"] += cpu
@@ -118,9 +119,9 @@ def batching(args, model_dir, redis_url: str, workload) -> list[dict]:
                         a["lat"] += lat
                         a["forwards"] += forwards
                         a["batched"] += batched
-                for w in waits:
-                    a = acc[w]
-                    row = {"wait_ms": w, "candidates": c, "history": n, "concurrency": conc,
+                for i, w in enumerate(waits):
+                    a = acc[i]
+                    row = {"setting": i, "wait_ms": w, "candidates": c, "history": n, "concurrency": conc,
                            "rps": a["completed"] / a["seconds"], "completed": a["completed"], "errors": a["errors"],
                            "requests_per_forward": a["batched"] / a["forwards"] if a["forwards"] else 1.0,
                            "server_cpu_ms_per_request": 1e3 * a["cpu"] / max(a["completed"], 1)}
@@ -137,9 +138,9 @@ def batching(args, model_dir, redis_url: str, workload) -> list[dict]:
 
 
 def batching_markdown(rows: list[dict]) -> str:
-    waits = list(dict.fromkeys(r["wait_ms"] for r in rows))
+    waits = [w for _, w in sorted({(r["setting"], r["wait_ms"]) for r in rows})]
     ref = waits[0]
-    by = {(r["wait_ms"], r["candidates"], r["concurrency"]): r for r in rows}
+    by = {(r["setting"], r["candidates"], r["concurrency"]): r for r in rows}
     settings = " | ".join(f"wait {w:g} ms: req/s, p50 / p99 ms, requests / forward, CPU ms / request" for w in waits)
     ratios = " | ".join(f"req/s {w:g} / {ref:g} | p50 {w:g} / {ref:g}" for w in waits[1:])
     head = f"| C | n | in flight | {settings} | {ratios} |"
@@ -148,7 +149,7 @@ def batching_markdown(rows: list[dict]) -> str:
     lines = [title, "", head,
              "|---|---|---|" + "---|" * (len(waits) + 2 * (len(waits) - 1))]
     for c, conc in dict.fromkeys((r["candidates"], r["concurrency"]) for r in rows):
-        cells = [by[(w, c, conc)] for w in waits]
+        cells = [by[(i, c, conc)] for i in range(len(waits))]
         base = cells[0]
         lines.append(f"| {c} | {base['history']} | {conc} | " + " | ".join(
             f"{r['rps']:.1f}, {r.get('loaded_p50_ms', float('nan')):.1f} / {r.get('loaded_p99_ms', float('nan')):.1f}, "

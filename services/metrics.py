@@ -75,6 +75,12 @@ HISTORY_CACHE = Counter(
 HISTORY_CACHE_BYTES = Gauge(
     "iat_ranking_history_cache_bytes", "Bytes held by the history cache (bounded by IAT_HISTORY_CACHE_MB)",
 )
+SCORE_BY_HISTORY_CACHE = Histogram(
+    "iat_ranking_score_by_history_cache_seconds",
+    "Score latency in the service (stage 'total') by history-cache outcome: hit, miss, or none "
+    "(cache off, empty or degraded history, no store read); fine buckets (x1.25) for p50 estimates",
+    ["outcome"], buckets=tuple(round(0.0005 * 1.25 ** k, 6) for k in range(39)),
+)
 ITEM_CACHE = Counter(
     "iat_ranking_item_cache_lookups_total", "Candidate encodings looked up, by outcome (hit, miss)", ["outcome"],
 )
