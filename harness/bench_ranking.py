@@ -91,12 +91,15 @@ def build_bench_models(quick_dir: Path, out_dir: Path, history_len: int | None =
     mc = ModelConfig()
     if history_len:
         mc = replace(mc, history_len=history_len)
-    key = {"iat": str(quick_iat.resolve()), "source": str(source.resolve()), "model_config": asdict(mc)}
+    manifest = json.loads((quick_iat / "manifest.json").read_text())
+    # The source service writes records under the source model's lineage; a downstream without
+    # the lineage fields reads an exact version only and would skip every one of them.
+    lineage = {k: manifest[k] for k in ("source_lineage", "source_min_ordinal") if manifest.get(k) is not None}
+    key = {"iat": str(quick_iat.resolve()), "source": str(source.resolve()), "model_config": asdict(mc), **lineage}
     if stamp.is_file() and json.loads(stamp.read_text()) == key and latest_version(out_dir, "iat") is not None:
         return out_dir
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.copytree(source, out_dir / "source" / source.name)
-    manifest = json.loads((quick_iat / "manifest.json").read_text())
     config = json.loads((quick_iat / CONFIG_FILE).read_text())
     config.update(model_config=asdict(mc), history_length=mc.history_len)
     torch.manual_seed(0)
@@ -107,8 +110,8 @@ def build_bench_models(quick_dir: Path, out_dir: Path, history_len: int | None =
     (version / CONFIG_FILE).write_text(json.dumps(config))
     export_torchscript(module, version / TORCHSCRIPT_NAME)
     run = {"feature_spec": manifest["schema"], "dataset": "movielens-100k (random weights, default ModelConfig)"}
-    write_manifest(version, manifest_for("iat", version.name, "2000-01-01T00:00:00", config, run,
-                                      manifest["source_version"], None))
+    write_manifest(version, {**manifest_for("iat", version.name, "2000-01-01T00:00:00", config, run,
+                                         manifest["source_version"], None), **lineage})
     stamp.write_text(json.dumps(key))
     return out_dir
 

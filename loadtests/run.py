@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             rc = subprocess.call(cmd, env=locust_env)
         if rc not in (0, 1):  # 1: some requests failed (reported in the CSVs); 3: --until-requests not met
             return rc
-        cache = history_cache_figures(httpx.get(ranking.base_url + "/metrics", timeout=30).text)
+        ranking_metrics = httpx.get(ranking.base_url + "/metrics", timeout=30).text
+        (out / "ranking-metrics.txt").write_text(ranking_metrics)  # the whole exposition, for later reading
+        cache = history_cache_figures(ranking_metrics)
     finally:
         for s in reversed(services):
             s.stop()
