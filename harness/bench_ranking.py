@@ -91,12 +91,15 @@ def build_bench_models(quick_dir: Path, out_dir: Path, history_len: int | None =
     mc = ModelConfig()
     if history_len:
         mc = replace(mc, history_len=history_len)
-    key = {"iat": str(quick_iat.resolve()), "source": str(source.resolve()), "model_config": asdict(mc)}
+    manifest = json.loads((quick_iat / "manifest.json").read_text())
+    # The source service writes records under the source model's lineage; a downstream without
+    # the lineage fields reads an exact version only and would skip every one of them.
+    lineage = {k: manifest[k] for k in ("source_lineage", "source_min_ordinal") if manifest.get(k) is not None}
+    key = {"iat": str(quick_iat.resolve()), "source": str(source.resolve()), "model_config": asdict(mc), **lineage}
     if stamp.is_file() and json.loads(stamp.read_text()) == key and latest_version(out_dir, "iat") is not None:
         return out_dir
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.copytree(source, out_dir / "source" / source.name)
-    manifest = json.loads((quick_iat / "manifest.json").read_text())
     config = json.loads((quick_iat / CONFIG_FILE).read_text())
     config.update(model_config=asdict(mc), history_length=mc.history_len)
     torch.manual_seed(0)
@@ -107,8 +110,8 @@ def build_bench_models(quick_dir: Path, out_dir: Path, history_len: int | None =
     (version / CONFIG_FILE).write_text(json.dumps(config))
     export_torchscript(module, version / TORCHSCRIPT_NAME)
     run = {"feature_spec": manifest["schema"], "dataset": "movielens-100k (random weights, default ModelConfig)"}
-    write_manifest(version, manifest_for("iat", version.name, "2000-01-01T00:00:00", config, run,
-                                      manifest["source_version"], None))
+    write_manifest(version, {**manifest_for("iat", version.name, "2000-01-01T00:00:00", config, run,
+                                         manifest["source_version"], None), **lineage})
     stamp.write_text(json.dumps(key))
     return out_dir
 
@@ -252,6 +255,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", default="1",
                         help="IAT_RANKING_WORKERS of the served process; several counts (e.g. 1,2): also "
                              "gRPC saturation at each, against cores / forward time")
+    parser.add_argument("--batch-wait-ms", default="",
+                        help="cross-request batching side by side (harness/bench_batching.py): IAT_SCORE_BATCH_WAIT_MS "
+                             "values, the first the reference (e.g. 0,5); one served process each, gRPC at saturation")
+    parser.add_argument("--batch-concurrency", default="1,4,16", help="requests in flight for --batch-wait-ms")
+    parser.add_argument("--batch-rounds", type=int, default=4,
+                        help="alternating slices per setting for --batch-wait-ms (--saturation-s split among them)")
     parser.add_argument("--peer", action="append", default=[], metavar="NAME=URL",
                         help="another Score endpoint speaking the REST JSON, timed alongside (repeatable)")
     parser.add_argument("--grpc-peer", action="append", default=[], metavar="NAME=HOST:PORT",
@@ -738,6 +747,9 @@ def markdown(result: dict) -> str:
                 if v else "-" for v in vals) + " |")
     if result.get("scaling"):
         lines += ["", scaling_markdown(result["scaling"])]
+    if result.get("batching"):
+        from harness.bench_batching import batching_markdown
+        lines += ["", batching_markdown(result["batching"])]
     rat = result["ratios"]
     if rat:
         extra = sorted({k for r in rat for k in r if k not in ("candidates", "history", "floor_p50_ms")})
@@ -793,6 +805,9 @@ def run(args: argparse.Namespace) -> int:
             server = None
         if len(_ints(args.workers, "workers")) > 1 and args.saturation_s > 0:
             result["scaling"] = scaling(args, model_dir, url, workload, result)
+        if args.batch_wait_ms and args.saturation_s > 0:
+            from harness.bench_batching import batching
+            result["batching"] = batching(args, model_dir, url, workload)
     finally:
         machine.stop()
         if server:
@@ -806,7 +821,7 @@ def run(args: argparse.Namespace) -> int:
         "python": platform.python_version(), "machine": platform.machine(),
         "redis": "embedded (unix socket)" if embedded is not None else "REDIS URL given",
         "model_dir": str(model_dir), "concurrency": args.concurrency, "machine": machine.summary(),
-        "workers": args.workers,
+        "workers": args.workers, "batch_wait_ms": args.batch_wait_ms,
     })
     return emit(result, args.json_path, markdown)
 

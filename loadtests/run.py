@@ -59,6 +59,60 @@ def read_stats(csv_path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """The q-quantile of a Prometheus histogram (cumulative (upper bound, count) pairs, +Inf
+    last), linear within the bucket it falls in (as PromQL's histogram_quantile)."""
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = upper, count
+    return lower
+
+
+def history_cache_figures(metrics_text: str) -> dict:
+    """The ranking service's history-cache lookups (hit / miss) and its Score latency (in the
+    service, stage 'total') p50 by outcome, from its /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    lookups: dict[str, float] = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "iat_ranking_history_cache_lookups_total":
+                lookups[sample.labels["outcome"]] = sample.value
+            elif sample.name == "iat_ranking_score_by_history_cache_seconds_bucket":
+                buckets.setdefault(sample.labels["outcome"], []).append((float(sample.labels["le"]), sample.value))
+    hits, misses = lookups.get("hit", 0.0), lookups.get("miss", 0.0)
+    out = {"hits": int(hits), "misses": int(misses),
+           "hit_rate": hits / (hits + misses) if hits + misses else None}
+    for outcome, pairs in buckets.items():
+        pairs.sort()
+        p50 = _quantile(pairs, 0.5)
+        out[f"{outcome}_requests"] = int(pairs[-1][1])
+        out[f"{outcome}_p50_ms"] = None if p50 is None else 1e3 * p50
+    return out
+
+
+def history_cache_markdown(figures: dict) -> str:
+    if figures.get("hit_rate") is None:
+        return "History cache: no lookups."
+
+    def p50(outcome: str) -> str:
+        v = figures.get(f"{outcome}_p50_ms")
+        return "-" if v is None else f"{v:.1f} ms ({figures.get(outcome + '_requests', 0)} Scores)"
+
+    return (f"History cache (ranking /metrics after the run): {figures['hits']} hits, {figures['misses']} misses, "
+            f"hit rate {figures['hit_rate']:.1%}; Score p50 in the service (stage total, from "
+            f"`iat_ranking_score_by_history_cache_seconds`, x1.25 buckets, interpolated): hit {p50('hit')}, "
+            f"miss {p50('miss')}, no lookup {p50('none')}.")
+
+
 def summary_markdown(stats: list[dict], meta: dict) -> str:
     run = (f"until {meta['until_requests']} answers of each kind (deadline {meta['duration']})"
            if meta.get("until_requests") else meta["duration"])
@@ -71,6 +125,8 @@ def summary_markdown(stats: list[dict], meta: dict) -> str:
     for row in stats:
         lines.append(f"| {row['Type'] or ''} | {row['Name']} | {row['Request Count']} | {row['Failure Count']} | "
                      f"{float(row['Requests/s']):.1f} | {row['50%']} | {row['95%']} | {row['99%']} |")
+    if meta.get("history_cache"):
+        lines += ["", history_cache_markdown(meta["history_cache"])]
     return "\n".join(lines)
 
 
@@ -126,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             rc = subprocess.call(cmd, env=locust_env)
         if rc not in (0, 1):  # 1: some requests failed (reported in the CSVs); 3: --until-requests not met
             return rc
+        ranking_metrics = httpx.get(ranking.base_url + "/metrics", timeout=30).text
+        (out / "ranking-metrics.txt").write_text(ranking_metrics)  # the whole exposition, for later reading
+        cache = history_cache_figures(ranking_metrics)
     finally:
         for s in reversed(services):
             s.stop()
@@ -135,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             "candidates": args.candidates.replace(",", "-"), "cpus": os.cpu_count(), "python": platform.python_version(),
             "model": f"iat L={manifest['max_history']} ({manifest['training']['dataset']})",
             "command": "python -m loadtests.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "locust_command": " ".join(cmd), "machine": machine.summary()}
+            "locust_command": " ".join(cmd), "machine": machine.summary(), "history_cache": cache}
     stats = read_stats(Path(f"{prefix}_stats.csv"))
     text = summary_markdown(stats, meta)
     (out / "locust-summary.md").write_text(text + "\n")

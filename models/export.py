@@ -29,7 +29,7 @@ from torch import nn
 
 from contract.inputs import CONTRACTS, MAX_CANDIDATES, MIN_DYNAMIC
 from models.runtime.device import aoti_target, resolve_device
-from models.runtime.modules import build_module
+from models.runtime.modules import build_module, stack_user_states
 
 # TorchScript is deprecated in torch 2.13 and says so on every trace/save/load; the path is kept
 # on purpose (the design card's format), so exactly those messages are silenced, once.
@@ -95,6 +95,12 @@ def export_torchscript(module: nn.Module, path: Path) -> Path:
             # once per history and reuses it across requests (the history cache)
             state = module.user_state(*inputs[:6])
             methods = {"forward": inputs, "user_state": inputs[:6], "score_user": (*state, *inputs[6:])}
+            if hasattr(module, "score_users"):
+                # and the candidates of several requests in one batch (cross-request batching),
+                # traced on two requests of different history lengths and candidate counts
+                other = module.user_state(*(a[:3] for a in inputs[:5]), inputs[5])
+                stacked, slots, pad_index = stack_user_states([state, other], [2, 1])
+                methods["score_users"] = (*stacked, slots, pad_index, *inputs[6:])
             traced = torch.jit.trace_module(module, methods, check_trace=False)
         else:
             traced = torch.jit.trace(module, inputs, check_trace=False)

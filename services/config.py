@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(default=1.0, gt=0)
     history_cache_mb: float = Field(default=64.0, ge=0, description="decoded and encoded histories kept for reuse; 0 disables")
     item_cache_size: int = Field(default=65_536, ge=0, description="candidate encodings kept per model; 0 disables")
+    # Concurrent Scores for one model wait at most this long to share one forward
+    # (services/ranking/batching.py); 0 = each request runs its own forward.
+    score_batch_wait_ms: float = Field(default=0.0, ge=0, le=1000,
+                                       description="cross-request batching: longest wait for company; 0 disables")
+    score_batch_max_candidates: int = Field(default=4096, gt=0,
+                                            description="cross-request batching: a batch this full runs at once")
 
     # Source.
     ingest_max_request: int = Field(default=1024, gt=0, description="instances per POST, more is rejected")

@@ -39,6 +39,15 @@ HISTORY_LENGTH = Histogram(
 CANDIDATES = Histogram(
     "iat_ranking_candidates", "Candidates per Score request", buckets=SIZE_BUCKETS,
 )
+SCORE_BATCH_REQUESTS = Histogram(
+    "iat_ranking_score_batch_requests",
+    "Score requests per forward of the cross-request batcher (IAT_SCORE_BATCH_WAIT_MS > 0)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+)
+SCORE_BATCH_CANDIDATES = Histogram(
+    "iat_ranking_score_batch_candidates", "Candidates per forward of the cross-request batcher",
+    buckets=SIZE_BUCKETS + (4096, 8192),
+)
 MODEL_INFO = Gauge(
     "iat_ranking_model_info", "Loaded models (value 1), with version and source-model version",
     ["model", "version", "source_version", "runtime", "device"],
@@ -65,6 +74,12 @@ HISTORY_CACHE = Counter(
 )
 HISTORY_CACHE_BYTES = Gauge(
     "iat_ranking_history_cache_bytes", "Bytes held by the history cache (bounded by IAT_HISTORY_CACHE_MB)",
+)
+SCORE_BY_HISTORY_CACHE = Histogram(
+    "iat_ranking_score_by_history_cache_seconds",
+    "Score latency in the service (stage 'total') by history-cache outcome: hit, miss, or none "
+    "(cache off, empty or degraded history, no store read); fine buckets (x1.25) for p50 estimates",
+    ["outcome"], buckets=tuple(round(0.0005 * 1.25 ** k, 6) for k in range(39)),
 )
 ITEM_CACHE = Counter(
     "iat_ranking_item_cache_lookups_total", "Candidate encodings looked up, by outcome (hit, miss)", ["outcome"],

@@ -305,12 +305,10 @@ class RecordFormat:
         if count and len(blob) == count * size:
             rows = np.frombuffer(blob, dtype=self.record_dtype, count=count)
             # The first 8 bytes (version, codec, flags, n_tasks, dim, code_len) of every record
-            # equal this layout's: one comparison of one uint64 column instead of six.
-            leading = np.frombuffer(blob, dtype="<u8", count=count * (size // 8))[:: size // 8] if size % 8 == 0 else None
-            if leading is not None and (leading == self._leading_word).all():
-                return self._columns(rows, self.codec.decode(rows["embedding"], self.dim) if self.dim else None,
-                                     labels_as_of_ms)
-            if leading is None and self._same_layout(rows):
+            # equal this layout's: one comparison of one uint64 column (a strided view, whatever
+            # the record size) instead of six field comparisons.
+            leading = np.ndarray((count,), dtype="<u8", buffer=blob, strides=(size,))
+            if (leading == self._leading_word).all():
                 return self._columns(rows, self.codec.decode(rows["embedding"], self.dim) if self.dim else None,
                                      labels_as_of_ms)
         return self._decode_mixed(blob, count, labels_as_of_ms)
@@ -321,16 +319,6 @@ class RecordFormat:
         header["version"], header["codec"], header["flags"] = FORMAT_VERSION, self.codec.id, self.flags
         header["n_tasks"], header["dim"], header["code_len"] = len(self.tasks), self.dim, self.code_length
         return header.view("<u8")[0]
-
-    def _same_layout(self, rows: np.ndarray) -> bool:
-        return bool(
-            (rows["version"] == FORMAT_VERSION).all()
-            and (rows["n_tasks"] == len(self.tasks)).all()
-            and (rows["codec"] == self.codec.id).all()
-            and (rows["flags"] == self.flags).all()
-            and (rows["dim"] == self.dim).all()
-            and (rows["code_len"] == self.code_length).all()
-        )
 
     def _columns(self, rows: np.ndarray, embeddings: np.ndarray | None, labels_as_of_ms: int | None = None,
                  incompatible: int = 0) -> History:

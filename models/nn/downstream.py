@@ -117,6 +117,20 @@ class IATDownstream(nn.Module):
         out = self.cross(self._query(fields, seq_tok, batch), memory.keys, memory.values, memory.mask)
         return self.heads(self.backbone.interact(fields, seq_tok, [self.out(out)]))
 
+    def score_grouped(self, memory: HistoryMemory, batch: dict[str, torch.Tensor],
+                      seq_memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                      slots: torch.Tensor, pad_index: torch.Tensor) -> torch.Tensor:
+        """``score`` of the candidates of R requests in one batch (cross-request batching):
+        ``memory`` / ``seq_memory`` of batch R, request r's own padded with mask False;
+        ``slots`` / ``pad_index`` say which request each candidate belongs to
+        (``CrossAttention.grouped``). Row i equals ``score`` of its own request's memories."""
+        bb = self.backbone
+        fields = bb.embedder(batch["cat"], batch["multi"], batch["num"])
+        seq_tok = bb.seq.attend_grouped(bb.embedder.lookup(batch["item"]), *seq_memory, slots, pad_index)
+        out = self.cross.grouped(self._query(fields, seq_tok, batch), memory.keys, memory.values,
+                                 memory.mask, slots, pad_index)
+        return self.heads(bb.interact(fields, seq_tok, [self.out(out)]))
+
     def _full(self, batch, tokens, mask) -> torch.Tensor:
         fields, seq_tok = self.backbone.fields(batch)
         q = self._query(fields, seq_tok, batch) + self.pos[0]

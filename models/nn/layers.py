@@ -70,6 +70,23 @@ class CrossAttention(nn.Module):
         x = query + self.out(att)
         return x + self.ffn(self.norm2(x))
 
+    def grouped(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                key_mask: torch.Tensor, slots: torch.Tensor, pad_index: torch.Tensor) -> torch.Tensor:
+        """``forward`` for the candidates of R requests at once, each reading its own memory:
+        query [C, dim] (the requests' candidates, concatenated); keys/values [R, H, S, dh] and
+        key_mask [R, S] (request r's memory, padded to S with mask False); pad_index [R, W]
+        (row of query at request r's slot j, any row where r has fewer than W candidates);
+        slots [C] (r * W + j of each row). Per request this is the shared-memory multi-query
+        attention of ``forward``; the rows outside the attention run as one batch."""
+        d = query.shape[1]
+        r, w = pad_index.shape
+        q = self.q(self.norm_q(query))
+        q = q[pad_index].view(r, w, self.heads, d // self.heads).transpose(1, 2)   # [R, H, W, dh]
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask[:, None, None, :])
+        att = att.transpose(1, 2).reshape(r * w, d)[slots]                         # [C, d]
+        x = query + self.out(att)
+        return x + self.ffn(self.norm2(x))
+
 
 class TargetAttention(nn.Module):
     """Candidate item attends to the behaviour sequence; ``kind`` "transformer" (scaled dot
@@ -110,6 +127,15 @@ class TargetAttention(nn.Module):
         w = self.scorer(torch.cat([q, seq, q - seq, q * seq], dim=-1)).squeeze(-1)
         w = w.masked_fill(~mask, float("-inf")).softmax(dim=1)
         return (w.unsqueeze(-1) * seq).sum(1)
+
+    def attend_grouped(self, target: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       mask: torch.Tensor, slots: torch.Tensor, pad_index: torch.Tensor) -> torch.Tensor:
+        """``attend`` for the targets of R requests, each against its own ``memory`` (batch R;
+        ``slots`` / ``pad_index`` as in ``CrossAttention.grouped``)."""
+        if self.kind == "transformer":
+            return self.attn.grouped(target, keys, values, mask, slots, pad_index)
+        owner = torch.div(slots, pad_index.shape[1], rounding_mode="floor")  # each target's request
+        return self.attend(target, keys[owner], values[owner], mask[owner])
 
     def forward(self, target: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.attend(target, *self.memory(seq, mask))

@@ -45,7 +45,7 @@ from contract.inputs import MIN_DYNAMIC
 from models.nn.downstream import gap_bucket
 from models.runtime.device import cuda_arch, resolve_device
 from models.runtime.featurizer import FeatureSpec, Featurizer
-from models.runtime.modules import build_module
+from models.runtime.modules import build_module, stack_user_states
 
 # TorchScript is deprecated in torch 2.13 and says so on every trace/save/load; the path is kept
 # on purpose (the design card's format), so exactly those messages are silenced, once, wherever
@@ -282,6 +282,55 @@ class RankingModel(_Loaded):
                 state = self._user_state(prepared, request)
                 probs = self._split.score_user(*state, *(self._tensor(a) for a in cands))
         return probs[:c].float().cpu().numpy()
+
+    @property
+    def batches_requests(self) -> bool:
+        """Whether the runner scores several requests' candidates in one forward (``score_users``:
+        the eager module, and TorchScript exported with it; older artifacts and AOTI do not)."""
+        return self._split is not None and hasattr(self._split, "score_users")
+
+    def score_batch(self, requests: list[tuple[PreparedHistory, int, np.ndarray, np.ndarray, np.ndarray]]
+                    ) -> list[np.ndarray | Exception]:
+        """``score_prepared`` of several requests (prepared history, request time, cat, multi, num),
+        their candidates in one forward where the runner has ``score_users``, each request's
+        user state encoded (or reused) as in ``score_prepared``. One entry per request, in order:
+        its probabilities [C_i, T], or the exception that request alone raised: a bad request
+        never fails the others (a failed batched forward is retried request by request)."""
+        out: list = [None] * len(requests)
+        ready = []  # (index, user state, cat, multi, num) of the requests that go in the batch
+        with torch.inference_mode():
+            for i, (prepared, t, cat, multi, num) in enumerate(requests):
+                try:
+                    cat, multi, num = self._features(cat, multi, num)
+                    if cat.shape[0] == 0 or not self.batches_requests:
+                        out[i] = self.score_prepared(prepared, t, cat, multi, num)
+                    else:
+                        state = self._user_state(prepared, np.array([t], dtype=np.int64))
+                        ready.append((i, state, cat, multi, num))
+                except Exception as exc:  # noqa: BLE001 - handed back to that request alone
+                    out[i] = exc
+            if len(ready) == 1:
+                i = ready[0][0]
+                out[i] = self._score_one(requests[i])
+            elif ready:
+                try:
+                    counts = [r[2].shape[0] for r in ready]
+                    stacked, slots, pad_index = stack_user_states([r[1] for r in ready], counts)
+                    cands = [self._tensor(np.concatenate([r[k] for r in ready])) for k in (2, 3, 4)]
+                    probs = self._split.score_users(*stacked, slots.to(self.device), pad_index.to(self.device),
+                                                    *cands).float().cpu().numpy()
+                    for (i, *_), start, c in zip(ready, np.cumsum([0, *counts[:-1]]), counts):
+                        out[i] = probs[start:start + c]
+                except Exception:  # noqa: BLE001 - the requests alone say which one fails
+                    for i, *_ in ready:
+                        out[i] = self._score_one(requests[i])
+        return out
+
+    def _score_one(self, request) -> np.ndarray | Exception:
+        try:
+            return self.score_prepared(*request)
+        except Exception as exc:  # noqa: BLE001 - handed back to that request alone
+            return exc
 
     def _user_state(self, prepared: PreparedHistory, request: np.ndarray) -> tuple[torch.Tensor, ...]:
         """The encoded user side, reused while the history's age buckets stay the same (the only

@@ -152,9 +152,49 @@ class IATRanking(nn.Module):
         logits = self.model.score(HistoryMemory(keys, values, mask), batch, (seq_keys, seq_values, seq_mask))
         return torch.sigmoid(logits)
 
+    def score_users(self, keys, values, mask, seq_keys, seq_values, seq_mask, slots, pad_index, cat, multi, num):
+        """Probabilities [C, T] of the candidates of R requests against their own user states,
+        stacked (batch R, history keys padded with mask False): cross-request batching. Row i
+        is ``score_user`` of its request's state (``slots`` [C] / ``pad_index`` [R, W]: which
+        request each row belongs to, ``CrossAttention.grouped``)."""
+        batch = {"cat": cat, "multi": multi, "num": num, "item": cat[:, self.item_column]}
+        logits = self.model.score_grouped(HistoryMemory(keys, values, mask), batch,
+                                          (seq_keys, seq_values, seq_mask), slots, pad_index)
+        return torch.sigmoid(logits)
+
     def forward(self, hist_emb, hist_labels, hist_ts, hist_items, hist_mask, request_ms, cat, multi, num):
         state = self.user_state(hist_emb, hist_labels, hist_ts, hist_items, hist_mask, request_ms)
         return self.score_user(*state, cat, multi, num)
+
+
+def stack_user_states(states: list[tuple[torch.Tensor, ...]], counts: list[int]
+                      ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """``IATRanking.score_users``'s inputs besides the candidates: R user states of batch 1
+    (``user_state``) stacked to batch R, each history padded to the longest with mask False
+    (a masked key has zero weight, so a request's scores do not depend on the others'), and
+    (slots [C], pad_index [R, W]) for request r owning the next ``counts[r]`` candidate rows."""
+    keys, values, mask, seq_keys, seq_values, seq_mask = zip(*states)
+    longest = max(k.shape[2] for k in keys)
+
+    def pad(t: torch.Tensor, dim: int, value) -> torch.Tensor:
+        missing = longest - t.shape[dim]
+        if not missing:
+            return t
+        shape = list(t.shape)
+        shape[dim] = missing
+        return torch.cat([t, t.new_full(shape, value)], dim=dim)
+
+    stacked = (torch.cat([pad(k, 2, 0.0) for k in keys]), torch.cat([pad(v, 2, 0.0) for v in values]),
+               torch.cat([pad(m, 1, False) for m in mask]),
+               torch.cat(seq_keys), torch.cat(seq_values), torch.cat(seq_mask))
+    width = max(counts)
+    starts = torch.tensor([0, *counts[:-1]]).cumsum(0)
+    j = torch.arange(width)
+    # a request with fewer than W candidates reads its own first row in the spare slots
+    pad_index = starts[:, None] + torch.where(j[None, :] < torch.tensor(counts)[:, None], j[None, :], 0)
+    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    slots = owner * width + (torch.arange(int(sum(counts))) - starts[owner])
+    return stacked, slots, pad_index
 
 
 class SIFRanking(nn.Module):

@@ -29,6 +29,7 @@ from models.runtime.loader import RankingModel
 from services import metrics
 from services.config import Settings
 from services.health import StoreGuard
+from services.ranking.batching import ScoreBatcher
 from services.ranking.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -70,6 +71,8 @@ class RankingServing:
         # Torch releases the GIL in kernels: a small pool overlaps one request's forward with
         # another's fetch and featurization without oversubscribing the cores.
         self.executor = ThreadPoolExecutor(max_workers=settings.model_threads, thread_name_prefix="model")
+        self.batcher = ScoreBatcher(self.executor, settings.model_threads, settings.score_batch_wait_ms,
+                                    settings.score_batch_max_candidates)
 
     def store_for(self, model: RankingModel) -> AsyncInstanceStore:
         """A store decoding records the way this model's source model wrote them (one per layout)."""
@@ -133,8 +136,9 @@ class RankingServing:
             raise StoreUnavailable(f"the store cannot be reached: {describe(exc)}")
 
     def _prepared(self, model: RankingModel, reply: list, before_ms: int,
-                  request_time_ms: int) -> tuple[CachedHistory, tuple | None]:
-        """(prepared history, its cache key or None when the cache is off) of a store reply.
+                  request_time_ms: int) -> tuple[CachedHistory, tuple | None, bool]:
+        """(prepared history, its cache key or None when the cache is off, whether it was a hit)
+        of a store reply.
 
         The store's own decoding of its reply, as read_history does it, always runs (a numpy view,
         cheap): labels are shown as of ``before_ms`` (a label that arrived later is unknown), so
@@ -146,10 +150,11 @@ class RankingServing:
         key = (history_key(model, model.max_history, found, records + history.labels.tobytes())
                if self.histories.enabled else None)
         entry = self.histories.get(key) if key is not None else None
+        hit = entry is not None
         if entry is None:
             entry = CachedHistory(model.prepare(history, request_time_ms), history.incompatible)
         self._count_skipped(missing, mismatch, entry.incompatible)
-        return entry, key
+        return entry, key, hit
 
     def _featurize(self, model: RankingModel, query: ScoreQuery) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         items = self.items_for(model)
@@ -202,14 +207,15 @@ class RankingServing:
         reply = await self._fetch(model, query.user_id, before_ms, fetch_timeout) if before_ms > 0 else None
         if pending is not None:
             raise pending
-        key = None
+        key, outcome = None, "none"
         if reply is None:
             if before_ms > 0:
                 metrics.DEGRADED.inc()
             prepared = model.prepare(History.empty(model.embedding_dim, len(model.tasks), model.code_length),
                                      query.request_time_ms)
         else:
-            entry, key = self._prepared(model, reply, before_ms, query.request_time_ms)
+            entry, key, hit = self._prepared(model, reply, before_ms, query.request_time_ms)
+            outcome = "hit" if hit else ("miss" if key is not None else "none")
             prepared = entry.prepared
         n_hist = prepared.length
         metrics.HISTORY_LENGTH.observe(n_hist)
@@ -218,10 +224,13 @@ class RankingServing:
         if deadline is not None and t_fetch >= deadline:
             raise DeadlineExceeded("deadline passed before the model ran")
         if query.num_candidates:
-            loop = asyncio.get_running_loop()
-            scores = await loop.run_in_executor(
-                self.executor, model.score_prepared, prepared, query.request_time_ms, cat, multi, num
-            )
+            if self.batcher.enabled and model.batches_requests:
+                scores = await self.batcher.score(model, prepared, query.request_time_ms, cat, multi, num)
+            else:
+                loop = asyncio.get_running_loop()
+                scores = await loop.run_in_executor(
+                    self.executor, model.score_prepared, prepared, query.request_time_ms, cat, multi, num
+                )
             if key is not None:
                 self.histories.put(key, entry)  # after the model: its encoded user state is counted
         else:
@@ -232,6 +241,7 @@ class RankingServing:
         metrics.SCORE_STAGE_LATENCY.labels("fetch").observe(t_fetch - t_assemble)
         metrics.SCORE_STAGE_LATENCY.labels("model").observe(t_model - t_fetch)
         metrics.SCORE_STAGE_LATENCY.labels("total").observe(t_model - start)
+        metrics.SCORE_BY_HISTORY_CACHE.labels(outcome).observe(t_model - start)
         return ScoreResult(
             request_id=query.request_id, model=model.name, model_version=model.version,
             history_length=n_hist, tasks=list(model.tasks), scores=np.asarray(scores, dtype=np.float32),

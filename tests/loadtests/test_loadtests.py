@@ -191,3 +191,48 @@ def test_make_loadtest_runs_locust_headless_and_writes_csvs(movielens_models, tm
         assert answered.get(kind, 0) >= wanted, (kind, answered)
     total = next(r for r in summary["stats"] if r["Name"] == "Aggregated")
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
+    cache = summary["meta"]["history_cache"]  # read from the ranking service's /metrics
+    assert cache["hits"] + cache["misses"] >= wanted and 0 <= cache["hit_rate"] <= 1
+    # the Scores read the histories the seeding wrote through the source service (not all empty)
+    from prometheus_client.parser import text_string_to_metric_families
+    lengths = {s.name: s.value for f in text_string_to_metric_families((tmp_path / "ranking-metrics.txt").read_text())
+               for s in f.samples if s.name.startswith("iat_ranking_history_length")}
+    assert lengths["iat_ranking_history_length_sum"] > 0, lengths
+
+
+def test_bench_models_read_what_the_quick_source_writes(movielens_models, tmp_path):
+    """The serving-size bench model accepts the records of the quick export's source model (its
+    lineage), as the quick ranking model does: the load test seeds through the source service."""
+    from contract.artifacts import Manifest, read_json
+    from harness.bench_ranking import build_bench_models
+    from models.runtime.loader import latest_version
+
+    built = build_bench_models(movielens_models.model_dir, tmp_path / "bench", history_len=64)
+    quick = Manifest.model_validate(read_json(latest_version(movielens_models.model_dir, "iat") / "manifest.json", "m"))
+    bench = Manifest.model_validate(read_json(latest_version(built, "iat") / "manifest.json", "m"))
+    assert bench.accepted_sources() == quick.accepted_sources()
+
+
+def test_history_cache_figures_read_the_rate_and_p50_by_outcome():
+    """From a real prometheus_client exposition: the hit rate, and each outcome's p50 from the
+    fine buckets within one bucket's width (x1.25) of the true median."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from loadtests.run import history_cache_figures
+    from services import metrics
+
+    registry = CollectorRegistry()
+    lookups = Counter("iat_ranking_history_cache_lookups_total", "", ["outcome"], registry=registry)
+    latency = Histogram("iat_ranking_score_by_history_cache_seconds", "", ["outcome"], registry=registry,
+                        buckets=metrics.SCORE_BY_HISTORY_CACHE._upper_bounds[:-1])
+    lookups.labels("hit").inc(30)
+    lookups.labels("miss").inc(10)
+    for k in range(30):
+        latency.labels("hit").observe(0.010 + 0.0002 * k)   # median 12.9 ms
+    for k in range(10):
+        latency.labels("miss").observe(0.040 + 0.001 * k)   # median 44.5 ms
+    figures = history_cache_figures(generate_latest(registry).decode())
+    assert (figures["hits"], figures["misses"]) == (30, 10) and figures["hit_rate"] == 0.75
+    assert figures["hit_requests"] == 30 and figures["miss_requests"] == 10
+    assert 12.9 / 1.25 <= figures["hit_p50_ms"] <= 12.9 * 1.25
+    assert 44.5 / 1.25 <= figures["miss_p50_ms"] <= 44.5 * 1.25
