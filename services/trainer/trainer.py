@@ -107,7 +107,12 @@ class Trainer:
                                         group="trainer", max_backlog=s.stream_max_backlog)
         self.owned = [self.stream.partitions[p] for p in s.trainer_owned_partitions]
         self.owned_ids = {p.partition for p in self.owned}
-        self.labels_stream = InstanceStream(client, prefix=s.key_prefix, name=LABELS_STREAM, group=LABELS_GROUP)
+        # Labels are not partitioned: every trainer reads all of them and keeps its partitions'
+        # users', so trainers owning different partitions need groups of their own (a shared
+        # group would hand each label to one of them only).
+        owned_all = sorted(self.owned_ids) == list(range(s.stream_partitions))
+        labels_group = LABELS_GROUP if owned_all else f"{LABELS_GROUP}-p{'.'.join(map(str, sorted(self.owned_ids)))}"
+        self.labels_stream = InstanceStream(client, prefix=s.key_prefix, name=LABELS_STREAM, group=labels_group)
         self.pcfg = ProtocolConfig(batch_fraction=0.0, history_limit=s.trainer_history_limit,
                                    batch_size=s.trainer_batch_size, lr=s.trainer_lr)
         checkpoint = self.dir / CHECKPOINT

@@ -67,7 +67,7 @@ def ingest(source, instances, chunk=BATCH):
         assert response.status_code == 200, response.text
 
 
-def wait_stats(trainer, done, deadline_s=600.0) -> dict:
+def wait_stats(trainer, done, deadline_s=400.0) -> dict:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         try:
@@ -157,3 +157,43 @@ def test_a_trainer_killed_mid_run_resumes_to_the_same_models(stack, replay_set, 
     stats = wait_stats(again, lambda s: s["instances"] >= len(rows) and len(s["published"]) >= 2)
     assert stats["instances"] == len(rows) and stats["steps"] == N_BATCHES  # nothing trained twice
     assert_published_equal(model_dir, offline(model_dir, before, data, rows))
+
+
+def test_late_labels_are_joined_and_a_closed_window_trains_as_negatives(stack, replay_set, start_service):
+    """Exposures ingested without labels: those labelled later (POST /v1/labels) are trained
+    with their labels; those whose window closes unlabelled are trained as 0 and counted."""
+    from models.training.online import load_state
+
+    model_dir, env, source = stack
+    _, _, raw = replay_set
+    labelled, unlabelled = raw[:BATCH // 2], raw[BATCH // 2:BATCH]
+    stamps = [r["timestamp_ms"] for r in raw[:BATCH]]
+    window_s = (max(stamps) - min(stamps)) // 1000 + 3600  # no window closes within the batch itself
+    env = {**env, "IAT_LABEL_WINDOW_S": str(window_s), "IAT_TRAINER_PUBLISH_EVERY": str(BATCH)}
+    trainer = start_service(["serve", "trainer"], env=env)
+    response = httpx.post(source.base_url + "/v1/instances",
+                          json={"instances": [dict(r, labels={}) for r in labelled + unlabelled]}, timeout=120)
+    assert response.status_code == 200, response.text
+    ids = response.json()["ins_ids"]
+    updates = [{"user_id": r["user_id"], "ins_id": i, "labels": r["labels"], "arrival_ms": r["timestamp_ms"] + 1000}
+               for r, i in zip(labelled, ids)]
+    response = httpx.post(source.base_url + "/v1/labels", json={"updates": updates}, timeout=120)
+    assert response.status_code == 200 and response.json()["refused"] == 0, response.text
+    # the labelled half is ready (a partial batch: no flush), the other half waits for its window
+    ready = wait_stats(trainer, lambda s: s["waiting"] == BATCH // 2 and s["buffered"] == BATCH // 2)
+    assert ready["instances"] == 0
+    # an instance a window after the last: the partition's event time passes every window
+    later = dict(raw[BATCH], request_id="closing-the-windows", labels={},
+                 timestamp_ms=max(stamps) + (window_s + 1) * 1000)
+    assert httpx.post(source.base_url + "/v1/instances", json={"instances": [later]}, timeout=120).status_code == 200
+    wait_stats(trainer, lambda s: s["instances"] == BATCH and len(s["published"]) == 1)
+    state = load_state((Path(env["IAT_TRAINER_DIR"]) / "checkpoint.pt").read_bytes())
+    cols = state["log"]["cols"]
+    trained = {int(i): row for i, row in zip(cols["ins_id"], cols["labels"])}
+    tasks = list(read_manifest(latest_version(model_dir, "source")).tasks)
+    for r, i in zip(labelled + unlabelled, ids):
+        expected = [float(r["labels"][t]) for t in tasks] if r in labelled else [0.0] * len(tasks)
+        assert trained[int(i)].tolist() == expected
+    metrics = httpx.get(trainer.base_url + "/metrics", timeout=30).text
+    for task in tasks:
+        assert f'iat_trainer_defaulted_labels_total{{task="{task}"}} {float(len(unlabelled))}' in metrics
