@@ -29,7 +29,7 @@ from models.nn.downstream import IATDownstream
 from models.training.batches import feature_batch
 from models.training.downstream import predict_downstream, train_downstream
 from models.training.loop import fit, predict, set_seed, shuffled_batches
-from models.training.metrics import task_metrics
+from models.training.metrics import auc, task_metrics
 from models.training.protocol import ProtocolResult, protocol_insembs, two_pass_insembs
 from models.training.registry import (
     ROWS,
@@ -157,8 +157,33 @@ COMPARISONS = (
 )
 
 
+# History-length buckets (IAT Fig. 5b, SIF Table 6): a test instance's bucket is how many earlier
+# instances its user has in the log (training period included), lower edges.
+HISTORY_BUCKETS = (0, 1, 10, 50, 200)
+
+
+def history_bucket_labels(edges=HISTORY_BUCKETS) -> list[str]:
+    labels = []
+    for lo, hi in zip(edges, (*edges[1:], None)):
+        labels.append(f"{lo}+" if hi is None else (str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}"))
+    return labels
+
+
+def by_history_length(data: PreparedData, rows: np.ndarray, probs: np.ndarray, edges=HISTORY_BUCKETS) -> dict:
+    """{bucket: {"n", "auc"}} of the headline task over ``rows`` grouped by history length."""
+    lengths = data.history_length()[rows]
+    which = np.searchsorted(np.asarray(edges), lengths, side="right") - 1
+    out = {}
+    for k, label in enumerate(history_bucket_labels(edges)):
+        mask = which == k
+        out[label] = {"n": int(mask.sum()),
+                      "auc": auc(data.labels[rows][mask, 0], probs[mask, 0]) if mask.any() else float("nan")}
+    return out
+
+
 def compare_rows(per_row: dict[str, list[dict]], tasks: list[str]) -> list[dict]:
-    """Paired differences with 95% t-intervals for every ``COMPARISONS`` pair that ran."""
+    """Paired differences with 95% t-intervals for every ``COMPARISONS`` pair that ran, per
+    task and metric, and of the headline task's AUC per history-length bucket."""
     out = []
     for a, b, meaning in COMPARISONS:
         if a not in per_row or b not in per_row:
@@ -168,7 +193,14 @@ def compare_rows(per_row: dict[str, list[dict]], tasks: list[str]) -> list[dict]
             per_task[task] = {metric: paired_difference(
                 {r["seed"]: r["test"][task][metric] for r in per_row[a]},
                 {r["seed"]: r["test"][task][metric] for r in per_row[b]}) for metric in METRICS}
-        out.append({"name": f"{a} - {b}", "a": a, "b": b, "meaning": meaning, "per_task": per_task})
+        entry = {"name": f"{a} - {b}", "a": a, "b": b, "meaning": meaning, "per_task": per_task}
+        if all("by_history" in r for r in per_row[a] + per_row[b]):
+            entry["auc_by_history"] = {
+                label: {**paired_difference({r["seed"]: r["by_history"][label]["auc"] for r in per_row[a]},
+                                            {r["seed"]: r["by_history"][label]["auc"] for r in per_row[b]}),
+                        "n": per_row[a][0]["by_history"][label]["n"]}
+                for label in per_row[a][0]["by_history"]}
+        out.append(entry)
     return out
 
 
@@ -202,6 +234,7 @@ def _run_seed(data: PreparedData, cfg: ExperimentConfig, names: list[str], seed:
             "seed": seed, "seconds": time.perf_counter() - t0,
             "test": task_metrics(data.labels[test], res.test_probs, data.user_index[test], data.tasks),
             "val": task_metrics(data.labels[val], res.val_probs, data.user_index[val], data.tasks),
+            "by_history": by_history_length(data, test, res.test_probs),
             "extra": _jsonable(res.extra)}
         m = out[name]["test"][data.tasks[0]]
         progress(f"seed {seed} {name:<30} test {data.tasks[0]} AUC {m['auc']:.4f} "
@@ -282,7 +315,7 @@ def run_experiment(data: PreparedData, cfg: ExperimentConfig, rows: list[str] | 
                          "per_task": per_task, "seconds_per_seed": mean_std([r["seconds"] for r in runs])[0],
                          "description": ROWS[name].description,
                          "runs": [{"seed": r["seed"], "test": r["test"], "val": r["val"],
-                                   "extra": r["extra"]} for r in runs]})
+                                   "by_history": r["by_history"], "extra": r["extra"]} for r in runs]})
     return _jsonable({"dataset": data.name, "tasks": data.tasks, "headline_task": data.tasks[0],
                       "seeds": seeds, "n_instances": data.n,
                       "split_sizes": {"train": len(data.split_indices(0)), "val": len(val), "test": len(test)},
@@ -324,6 +357,17 @@ def results_table(results: dict) -> str:
             auc_d, gauc_d = c["per_task"][task]["auc"], c["per_task"][task]["gauc"]
             lines.append(f"{c['name']:<48} {_fmt(auc_d['mean']):>9} {_fmt_ci(auc_d['ci']):>20} "
                          f"{_fmt(gauc_d['mean']):>9} {_fmt_ci(gauc_d['ci']):>20}")
+        with_buckets = [c for c in comparisons if c.get("auc_by_history")]
+        if with_buckets:
+            labels = list(with_buckets[0]["auc_by_history"])
+            counts = ", ".join(f"{b}: {with_buckets[0]['auc_by_history'][b]['n']}" for b in labels)
+            lines += ["", f"paired test {task} AUC differences by the user's history length "
+                          f"(earlier instances; test instances per bucket: {counts}):",
+                      f"{'comparison':<48}" + "".join(f" {b:>24}" for b in labels)]
+            for c in with_buckets:
+                cells = [f"{_fmt(c['auc_by_history'][b]['mean'])} {_fmt_ci(c['auc_by_history'][b]['ci'])}"
+                         for b in labels]
+                lines.append(f"{c['name']:<48}" + "".join(f" {x:>24}" for x in cells))
     return "\n".join(lines)
 
 

@@ -185,3 +185,40 @@ def test_quick_help_matches_the_quick_config(capsys):
     from cli.experiment import DEFAULT_SEEDS, QUICK_SEEDS
     assert re.search(rf"{QUICK_SEEDS} seed unless --seeds", quick)
     assert DEFAULT_SEEDS >= 5
+
+
+def test_comparisons_by_history_length_cover_the_test_split(data):
+    """Every comparison carries its paired AUC difference per history-length bucket; the
+    buckets partition the test split, and a row that is better only for users with a long
+    history shows it there and not for the users without one."""
+    from models.training.experiment import COMPARISONS
+
+    lengths = data.history_length()
+
+    def row(boost_long):
+        def fn(d, seed, cfg):
+            val, test = d.split_indices(1), d.split_indices(2)
+            rng = np.random.default_rng(seed)
+            score = rng.random((len(test), len(d.tasks)))
+            if boost_long:
+                long = lengths[test] >= 10
+                score[long] += d.labels[test][long]
+            return RowResult(np.full((len(val), len(d.tasks)), 0.5), score, {})
+        return fn
+
+    a, b = COMPARISONS[0][:2]
+    saved = {n: ROWS.pop(n) for n in (a, b)}
+    register_row(a, row(True))
+    register_row(b, row(False))
+    try:
+        res = run_experiment(data, small_config(), rows=[a, b], seeds=3, progress=lambda m: None)
+    finally:
+        ROWS.update(saved)
+    (comp,) = res["comparisons"]
+    buckets = comp["auc_by_history"]
+    assert sum(b["n"] for b in buckets.values()) == len(data.split_indices(2))
+    long = [b for label, b in buckets.items() if b["n"] and label not in ("0", "1-9")]
+    assert long and all(b["mean"] > 0.2 for b in long)
+    if buckets["0"]["n"] and buckets["0"]["mean"] is not None:
+        assert abs(buckets["0"]["mean"]) < 0.2  # same random scores for users without history
+    assert "history length" in results_table(res)
