@@ -51,12 +51,14 @@ from models.training.online import OnlineLearner, OnlineLog, empty_data, load_st
 from models.training.protocol import ProtocolConfig
 from services import metrics
 from services.config import Settings
+from services.trainer.archive import write_segment
 from services.trainer.joiner import LabelJoiner, Ready, entry_after
 from storage.late_labels import LABELS_GROUP, LABELS_STREAM
 from storage.stream import InstanceStream, PartitionedStream
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+ARCHIVE = "archive"  # every trained instance, for offline training and backfill (archive.py)
 SOURCE, IAT = "source", "iat"
 
 
@@ -142,6 +144,7 @@ class Trainer:
         self.unacked: dict[int, list[str]] = {}      # partition -> trained entry ids not acked yet
         self.unacked_labels: list[str] = []
         self.published: list[Published] = []
+        self.archived = 0  # rows of the log written to the archive
         self.last_ordinal = 0
         self.last_version_time: datetime | None = None
         self.since_checkpoint = 0
@@ -279,7 +282,7 @@ class Trainer:
         return {"start": self.start, "learner": self.learner.state(), "log": self.log.state(),
                 "joiner": self.joiner.state(), "buffer": self.buffer, "trained_through": dict(self.trained_through),
                 "last_ordinal": self.last_ordinal, "last_version_time": self.last_version_time,
-                "published": self.published}
+                "published": self.published, "archived": self.archived}
 
     def _restore(self, state: dict) -> None:
         self.learner.load(state["learner"])
@@ -290,11 +293,24 @@ class Trainer:
         self.last_ordinal = state["last_ordinal"]
         self.last_version_time = state["last_version_time"]
         self.published = list(state["published"])
+        self.archived = state["archived"]
         self.source_module.eval()
         self.iat_module.eval()
 
+    def _archive(self) -> None:
+        """The rows trained since the last checkpoint, as one archive segment (archive.py)."""
+        first, end = self.archived, self.log.n
+        cols = self.log.cols
+        write_segment(self.dir / ARCHIVE, first, {
+            "user_id": np.array([self.log.user_ids[u] for u in cols["user_index"][first:end]], dtype=str),
+            **{k: cols[k][first:end] for k in ("ins_id", "ts_ms", "item_hash", "cat", "multi", "num", "labels")},
+        }, self.tasks)
+        self.archived = end
+
     def checkpoint(self) -> Path:
-        """Write the checkpoint atomically (temp file, fsync, rename), then ack what it covers."""
+        """Archive what was trained since the last one, write the checkpoint atomically (temp
+        file, fsync, rename), then ack what it covers."""
+        self._archive()
         path = self.dir / CHECKPOINT
         tmp = path.with_suffix(".tmp")
         with tmp.open("wb") as fh:

@@ -23,6 +23,7 @@ from models.data.schema import load_schema
 from models.runtime.hashing import ins_id as make_ins_id
 from models.training.online import OnlineLearner, empty_like, replay
 from models.training.protocol import ProtocolConfig, time_order
+from services.trainer.archive import read_archive
 from services.trainer.trainer import load_module
 from storage.connection import EmbeddedRedis
 
@@ -157,6 +158,10 @@ def test_a_trainer_killed_mid_run_resumes_to_the_same_models(stack, replay_set, 
     stats = wait_stats(again, lambda s: s["instances"] >= len(rows) and len(s["published"]) >= 2)
     assert stats["instances"] == len(rows) and stats["steps"] == N_BATCHES  # nothing trained twice
     assert_published_equal(model_dir, offline(model_dir, before, data, rows))
+    # the archive (full history, not in Redis) holds every trained instance once, in order
+    archive = read_archive(Path(env["IAT_TRAINER_DIR"]) / "archive")
+    assert archive["ins_id"].tolist() == data.ins_id[rows].tolist()
+    assert np.array_equal(archive["labels"], data.labels[rows]) and np.array_equal(archive["cat"], data.cat[rows])
 
 
 def test_late_labels_are_joined_and_a_closed_window_trains_as_negatives(stack, replay_set, start_service):
