@@ -573,6 +573,12 @@ def test_k8s_deployment_matches_the_code(name):
         (mount,) = container["volumeMounts"]
         assert mount["mountPath"] == str(settings.model_dir) and mount["readOnly"]
         assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] in claims
+    if args.service == "trainer":  # publishes into the models volume; its checkpoint survives the pod
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert not mounts[str(settings.model_dir)].get("readOnly")
+        state = mounts[str(settings.trainer_dir)]
+        assert volumes[state["name"]]["persistentVolumeClaim"]["claimName"] in claims
+        assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     # Services route to named ports of this pod.
     selector = deployment["spec"]["selector"]["matchLabels"]
     services = [s for s in k8s("Service") if s["spec"]["selector"] == selector]
