@@ -274,13 +274,15 @@ class InstanceStream:
         """New entries for ``consumer`` (they stay pending until acked). ``block_ms=None``: no wait."""
         return self._events(self.consumers.read(consumer, ">", count, block_ms))
 
-    def read_own_pending(self, consumer: str, count: int = 100) -> list[InstanceEvent]:
-        """Entries delivered to ``consumer`` and not yet acked (a restarted consumer resumes here).
+    def read_own_pending(self, consumer: str, count: int = 100, after: str = "0") -> list[InstanceEvent]:
+        """Entries delivered to ``consumer`` and not yet acked (a restarted consumer resumes here),
+        the first ``count`` with ids above ``after``: a reader that keeps entries pending while it
+        works (the trainer, until its checkpoint) pages with ``after`` = the last id it got.
 
         Entries deleted while pending come back without fields: they are acked and counted here
         (so they no longer fill the page), and the next page is read until one holds live entries.
         """
-        start = "0"
+        start = after
         while True:
             entries = self.consumers.read(consumer, start, count)
             if not entries:

@@ -192,15 +192,16 @@ class Trainer:
         count = self.settings.trainer_batch_size * 4
         n = 0
         if not self._own_pending_done:
+            # pending entries stay pending until the next checkpoint: page through them by id
             for p in self.owned:
-                while events := p.read_own_pending(self.consumer, count):
+                after = "0"
+                while events := p.read_own_pending(self.consumer, count, after=after):
                     n += self._take_instances(p.partition, events)
-                    if len(events) < count:
-                        break
-            while labels := self.labels_stream.read_own_pending(self.consumer, count):
+                    after = events[-1].entry_id
+            after = "0"
+            while labels := self.labels_stream.read_own_pending(self.consumer, count, after=after):
                 self._take_labels(labels)
-                if len(labels) < count:
-                    break
+                after = labels[-1].entry_id
             self._own_pending_done = True
         for i, p in enumerate(self.owned):
             wait = 200 if block and i == len(self.owned) - 1 and n == 0 else None

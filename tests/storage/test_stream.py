@@ -161,3 +161,22 @@ def test_malformed_entry_is_acked_and_counted(client):
     got = stream.read("c", count=10)
     assert [e.ins_id for e in got] == [1000]
     assert stream.malformed == 1 and stream.pending_count() == 1
+
+
+def test_own_pending_entries_page_by_id_and_carry_the_features(client):
+    """A consumer that keeps entries pending while it works (the trainer, until its checkpoint)
+    reads them back page by page after a restart; the encoded features come back as sent."""
+    stream = InstanceStream(client)
+    stream.ensure_group()
+    sent = [InstanceEvent("u", 1000 + i, 10 * i, item_hash=i, features=bytes([i, 0, 255, i])) for i in range(7)]
+    stream.publish(sent)
+    assert len(stream.read("trainer", count=10)) == 7  # all pending, none acked
+    pages, after = [], "0"
+    while page := stream.read_own_pending("trainer", count=3, after=after):
+        pages.append([e.ins_id for e in page])
+        after = page[-1].entry_id
+    assert pages == [[1000, 1001, 1002], [1003, 1004, 1005], [1006]]
+    again = stream.read_own_pending("trainer", count=10)
+    assert [e.features for e in again] == [e.features for e in sent]
+    with pytest.raises(InvalidRecord, match="features"):
+        stream.publish([InstanceEvent("u", 1, 1, features="not bytes")])
