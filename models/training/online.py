@@ -215,14 +215,15 @@ class DownstreamLoss(torch.nn.Module):
         return loss if scale is None else loss * scale
 
 
-def distributed_wrap(module: torch.nn.Module, find_unused: bool = False) -> torch.nn.Module:
+def distributed_wrap(module: torch.nn.Module) -> torch.nn.Module:
     """``module`` under DistributedDataParallel (the process group is the caller's; on CPU no
-    device ids). A streaming forward leaves some of the source model's parameters unused (those
-    of the batch user-order form), hence ``find_unused`` for it: DDP then leaves their gradients
-    None on every rank, as a single process's backward does."""
+    device ids). A forward may leave parameters unused (the source model's batch user-order
+    parts in a streaming step; the downstream's history parts in a batch without history),
+    hence ``find_unused_parameters``: DDP then leaves the gradients of parameters no rank used
+    None, as a single process's backward does (and zero-fills those some rank used)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(module, find_unused_parameters=find_unused)
+    return DistributedDataParallel(module, find_unused_parameters=True)
 
 
 @dataclass
@@ -249,7 +250,7 @@ class OnlineLearner:
         self.opt = torch.optim.Adam(downstream.parameters(), lr=pcfg.lr)
         self.downstream_loss: torch.nn.Module = DownstreamLoss(downstream)
         if distributed:
-            self.source.stream_loss = distributed_wrap(self.source.stream_loss, find_unused=True)
+            self.source.stream_loss = distributed_wrap(self.source.stream_loss)
             self.downstream_loss = distributed_wrap(self.downstream_loss)
         self.progressive = ProgressiveValidation(like.tasks, window)
         self.steps = 0
