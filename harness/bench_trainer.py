@@ -134,8 +134,8 @@ def measure_one(args, model_dir: Path, instances: list[dict], world: int, thread
 
 
 def markdown(result: dict) -> str:
-    lines = ["| trainers x torch threads | cores used | global batch | instances/s (10-90 %) | whole drain | "
-             "instances per rank | steps per rank |", "|---|---|---|---|---|---|---|"]
+    lines = [("| trainers x torch threads | cores used | global batch | instances/s (10-90 %) | whole drain | "
+              "instances per rank | steps per rank |"), "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['trainers']} x {r['threads']} | {r['cores_used']} | {r['global_batch']} | "
                      f"{r['instances_per_s']:.0f} | {r['drain_instances_per_s']:.0f} | "

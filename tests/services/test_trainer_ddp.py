@@ -2,13 +2,15 @@
 the 3-master cluster: the source service ingests MovieLens-100K instances into a stream of 2
 partitions, rank r trains partition r (its users only), the gradients are all-reduced by
 DistributedDataParallel, and rank 0 publishes. After the run both ranks took the same steps,
-hold bitwise equal weights, and the published version is those weights, loads and scores."""
+hold bitwise equal weights, and the published version is those weights, loads and scores.
+A rank SIGKILLed ends the job (its peer exits too); the restarted job resumes from the newest
+checkpoint both ranks hold, trains nothing twice and keeps the ranks equal."""
 from __future__ import annotations
 
 import concurrent.futures
 import shutil
+import signal
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,14 +22,26 @@ from contract.history import History
 from harness.processes import ServiceProcess
 from models.runtime.loader import load_ranking_model
 from models.training.online import load_state
-from services.trainer.trainer import load_module
+from services.trainer.trainer import JOB_RESTART_EXIT, load_module
+from storage.connection import EmbeddedRedis
 from storage.stream import partition_of
 from tests.conftest import free_port
-from tests.services.test_trainer import BATCH, N_BATCHES, ingest, replay_set, trainer_env  # noqa: F401 (a fixture)
+from tests.services.test_trainer import (
+    BATCH,
+    N_BATCHES,
+    ingest,
+    replay_instances,
+    trainer_env,
+)
 
 pytestmark = pytest.mark.slow
 
 WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def replay_set(movielens_models):
+    return replay_instances(movielens_models)
 
 
 @pytest.fixture
@@ -44,6 +58,12 @@ def trainers(tmp_path):
     yield start
     for p in procs:
         p.stop()
+
+
+def rank_envs(env: dict[str, str]) -> list[dict[str, str]]:
+    """The environments of the WORLD ranks of one job (a fresh rendezvous port)."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    return [{**env, "IAT_TRAINER_RANK": str(r), "IAT_TRAINER_DIST_URL": url} for r in range(WORLD)]
 
 
 def stats_of(trainer: ServiceProcess) -> dict | None:
@@ -77,10 +97,9 @@ def test_two_ddp_trainers_train_their_own_partitions_in_lockstep_to_equal_weight
     trainer_dir = tmp_path / "trainer"
     env = {**trainer_env(redis_cluster, model_dir, trainer_dir), "IAT_STREAM_PARTITIONS": str(WORLD),
            "IAT_TRAINER_PUBLISH_EVERY": str(total), "IAT_TRAINER_CHECKPOINT_EVERY": str(2 * BATCH),
-           "IAT_TRAINER_FLUSH_S": "1", "IAT_TRAINER_WORLD_SIZE": str(WORLD),
-           "IAT_TRAINER_DIST_URL": f"tcp://127.0.0.1:{free_port()}"}
+           "IAT_TRAINER_FLUSH_S": "1", "IAT_TRAINER_WORLD_SIZE": str(WORLD)}
     source = start_service(["serve", "source"], env=env)
-    ranks = trainers([{**env, "IAT_TRAINER_RANK": str(r)} for r in range(WORLD)])
+    ranks = trainers(rank_envs(env))
     ingest(source, raw)
 
     stats = wait_all(ranks, lambda s: sum(x["instances"] for x in s) >= total and s[0]["published"]
@@ -127,3 +146,39 @@ def test_two_ddp_trainers_train_their_own_partitions_in_lockstep_to_equal_weight
     probs = model.score(hist, 10_000, rng.integers(0, 100, (7, n_cat)), np.full((7, n_multi, m), -1),
                         np.zeros((7, n_num), np.float32))
     assert probs.shape == (7, len(model.tasks)) and np.all((probs > 0) & (probs < 1))
+
+
+def test_a_rank_killed_ends_the_job_and_the_restarted_job_resumes_from_the_common_checkpoint(
+        movielens_models, replay_set, start_service, trainers, tmp_path):
+    _, rows, raw = replay_set
+    total = len(rows)
+    model_dir = tmp_path / "models"
+    shutil.copytree(movielens_models.model_dir, model_dir)
+    server = EmbeddedRedis(directory=tmp_path / "redis").start()
+    try:
+        trainer_dir = tmp_path / "trainer"
+        env = {**trainer_env(server.url, model_dir, trainer_dir), "IAT_STREAM_PARTITIONS": str(WORLD),
+               "IAT_TRAINER_PUBLISH_EVERY": str(total), "IAT_TRAINER_CHECKPOINT_EVERY": str(2 * BATCH),
+               "IAT_TRAINER_FLUSH_S": "1", "IAT_TRAINER_WORLD_SIZE": str(WORLD), "IAT_TRAINER_DIST_TIMEOUT_S": "60"}
+        source = start_service(["serve", "source"], env=env)
+        ranks = trainers(rank_envs(env))
+        ingest(source, raw[:total // 2])
+        wait_all(ranks, lambda s: all(x["trained"] >= 2 * BATCH for x in s))
+        ranks[1].kill(signal.SIGKILL)
+        end = time.monotonic() + 300
+        while ranks[0].proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.2)
+        assert ranks[0].proc.returncode == JOB_RESTART_EXIT, ranks[0].log_tail()  # the peer's loss ends the job
+        ingest(source, raw[total // 2:])
+        again = trainers(rank_envs(env))
+        stats = wait_all(again, lambda s: sum(x["instances"] for x in s) >= total and s[0]["published"]
+                         and s[0]["published"][-1]["instances"] >= total)
+        assert sum(s["instances"] for s in stats) == total  # resumed at a common step: nothing trained twice
+        assert stats[0]["steps"] == stats[1]["steps"]
+        states = [load_state(max((trainer_dir / f"rank-{r}").glob("checkpoint-*.pt")).read_bytes())
+                  for r in range(WORLD)]
+        for name in ("source", "iat"):
+            a, b = states[0]["learner"][name], states[1]["learner"][name]
+            assert all(torch.equal(a[k], b[k]) for k in a), name
+    finally:
+        server.stop()
