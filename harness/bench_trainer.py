@@ -134,7 +134,7 @@ def measure_one(args, model_dir: Path, instances: list[dict], world: int, thread
 
 
 def markdown(result: dict) -> str:
-    lines = [("| trainers x torch threads | cores used | global batch | instances/s (10-90 %) | whole drain | "
+    lines = [("| trainers x torch threads | torch threads in all | global batch | instances/s (10-90 %) | whole drain | "
               "instances per rank | steps per rank |"), "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['trainers']} x {r['threads']} | {r['cores_used']} | {r['global_batch']} | "

@@ -100,6 +100,7 @@ def test_two_ddp_trainers_train_their_own_partitions_in_lockstep_to_equal_weight
            "IAT_TRAINER_FLUSH_S": "1", "IAT_TRAINER_WORLD_SIZE": str(WORLD)}
     source = start_service(["serve", "source"], env=env)
     ranks = trainers(rank_envs(env))
+    assert [(s or {}).get("rank") for s in map(stats_of, ranks)] == list(range(WORLD))
     ingest(source, raw)
 
     stats = wait_all(ranks, lambda s: sum(x["instances"] for x in s) >= total and s[0]["published"]
