@@ -13,6 +13,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "ingest": ("harness.bench_source", "source service ingest throughput"),
     "score": ("harness.bench_ranking", "Score latency in process and over gRPC"),
     "floor": ("harness.bench_floor", "forward time against FLOPs / attainable GEMM throughput at the model's shapes"),
+    "trainer": ("harness.bench_trainer", "online trainer throughput: one process against DDP trainers"),
 }
 
 

@@ -110,6 +110,13 @@ class Settings(BaseSettings):
     trainer_lr: float = Field(default=2e-3, gt=0)
     trainer_history_limit: int = Field(default=127, gt=0, description="past InsEmbs fetched per instance (Eq. 8: L - 1)")
     trainer_window: int = Field(default=2048, gt=0, description="progressive validation: the last this many instances")
+    # Training across trainer processes (DDP, services/trainer/lockstep.py); 1: one process.
+    trainer_world_size: int = Field(default=1, ge=1, le=1024, description="trainer processes training together (DDP)")
+    trainer_rank: int = Field(default=0, ge=0, description="this trainer's rank, 0 .. IAT_TRAINER_WORLD_SIZE - 1")
+    trainer_dist_url: str = Field(default="tcp://127.0.0.1:29500",
+                                  description="torch.distributed rendezvous (init_method) of the trainer processes")
+    trainer_dist_timeout_s: float = Field(default=600.0, gt=0,
+                                          description="a collective waiting this long for a peer fails (the job restarts)")
     trainer_http_port: int = 8003
 
     # Background workers (sequencer consumers, the source's raw-stream consumer): a failed pass
@@ -140,15 +147,20 @@ class Settings(BaseSettings):
     loadtest_candidates: str = Field(default="100,500", pattern=r"^\d+,\d+$", description="Locust: candidates per Score, lo,hi")
     loadtest_ingest_batch: int = Field(default=16, gt=0)
 
-    @field_validator("sequencer_partitions")
+    @field_validator("sequencer_partitions", "trainer_partitions")
     @classmethod
-    def _partition_spec(cls, value: str) -> str:
-        parse_partitions(value, None)  # the syntax; the range is checked against stream_partitions below
+    def _partition_spec(cls, value: str, info) -> str:
+        # the syntax; the range is checked against stream_partitions below
+        parse_partitions(value, None, f"IAT_{info.field_name.upper()}")
         return value.strip()
 
     @model_validator(mode="after")
     def _owned_partitions_exist(self) -> Settings:
         parse_partitions(self.sequencer_partitions, self.stream_partitions)  # ValueError naming the setting
+        if self.trainer_rank >= self.trainer_world_size:
+            raise ValueError(f"IAT_TRAINER_RANK: must be < IAT_TRAINER_WORLD_SIZE ({self.trainer_world_size}), "
+                             f"got {self.trainer_rank}")
+        self.trainer_owned_partitions  # noqa: B018 (the same check for the trainer's share)
         return self
 
     @property
@@ -158,8 +170,12 @@ class Settings(BaseSettings):
 
     @property
     def trainer_owned_partitions(self) -> list[int]:
-        """The stream partitions this trainer reads, in order."""
-        return parse_partitions(self.trainer_partitions, self.stream_partitions)
+        """The stream partitions this trainer reads, in order: IAT_TRAINER_PARTITIONS, whose
+        default "all" means, across DDP ranks, the partitions p with p % world == rank."""
+        spec = self.trainer_partitions
+        if spec.strip().lower() == "all" and self.trainer_world_size > 1:
+            spec = f"{self.trainer_rank}/{self.trainer_world_size}"
+        return parse_partitions(spec, self.stream_partitions, "IAT_TRAINER_PARTITIONS")
 
     @property
     def movielens_dir(self) -> Path:
@@ -171,10 +187,10 @@ class Settings(BaseSettings):
         return (self.api_token.get_secret_value() or None) if self.api_token is not None else None
 
 
-def parse_partitions(spec: str, partitions: int | None) -> list[int]:
+def parse_partitions(spec: str, partitions: int | None, field: str = "IAT_SEQUENCER_PARTITIONS") -> list[int]:
     """``"all"``, ``"0,2,5"`` or ``"k/n"`` -> the partitions of ``range(partitions)`` it names.
-    ``partitions`` None: check the syntax only (and return the listed ones, if any)."""
-    field = "IAT_SEQUENCER_PARTITIONS"
+    ``partitions`` None: check the syntax only (and return the listed ones, if any). Errors
+    name ``field``, the setting the spec came from."""
     text = spec.strip().lower()
     if text == "all":
         return list(range(partitions or 0))

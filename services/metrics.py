@@ -151,6 +151,14 @@ TRAINER_STEP_SECONDS = Histogram(
     "iat_trainer_step_seconds", "One optimiser step of both models on one batch",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+TRAINER_LOCKSTEP_STEPS = Counter(
+    "iat_trainer_lockstep_steps_total",
+    "DDP steps this rank took, by its batch: full, partial (flushed) or empty (zero loss: peers had data)", ["batch"],
+)
+TRAINER_LOCKSTEP_WAIT_SECONDS = Histogram(
+    "iat_trainer_lockstep_wait_seconds", "DDP: one exchange of the ranks' buffer sizes (time waiting for peers)",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
 PROGRESSIVE_AUC = Gauge(
     "iat_progressive_auc", "Predict-then-train AUC over the trainer's sliding window", ["model", "task"],
 )

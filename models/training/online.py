@@ -23,6 +23,16 @@ The learner's store of InsEmbs is its own (``InMemoryHistoryProvider``, the newe
 the weights just before the step that trains on them); the serving store holds the InsEmbs the
 source SERVICE computed at ingest with the version published at the time, as the offline
 protocol embeds instances after the training period with the exported model.
+
+Across processes (``distributed=True``, a ``torch.distributed`` process group initialised by
+the caller): each process steps its own batch (its own instances, its own InsEmb store) and
+the training forwards of both models go through ``DistributedDataParallel`` wrappers of the
+loss modules (``StreamLoss``, ``DownstreamLoss``), whose backward all-reduces (averages) the
+gradients; every process then takes the same optimiser step, so the weights stay equal (DDP
+broadcasts process 0's at construction). ``step(..., scale=n * world / N)`` (n this process's
+rows, N all processes') makes the averaged gradient the mean over all N instances, as one
+learner would take on their union; a process with no rows still steps (zero loss): every
+process must take part in every all-reduce.
 """
 from __future__ import annotations
 
@@ -40,7 +50,7 @@ from models.nn.source import UserOrderSource
 from models.training.downstream import iat_batch
 from models.training.loop import bce, set_seed
 from models.training.metrics import auc, logloss
-from models.training.protocol import PassBatch, ProtocolConfig, SourcePass, time_order
+from models.training.protocol import PassBatch, ProtocolConfig, SourcePass, time_order, zero_loss
 from models.training.streaming import InMemoryHistoryProvider
 
 MODELS = ("source", "iat")
@@ -190,6 +200,32 @@ def empty_data(spec: FeatureSpec, tasks: list[str], name: str = "stream") -> Pre
         item_field=spec.item_field, user_field=spec.user_field, num_stats=dict(spec.num_stats))
 
 
+class DownstreamLoss(torch.nn.Module):
+    """The downstream model's training loss of a batch as a module (so that a DDP wrapper's
+    forward computes it); ``batch`` None: ``zero_loss``."""
+
+    def __init__(self, model: IATDownstream) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict | None, labels: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+        if batch is None:
+            return zero_loss(self.model)
+        loss = bce(self.model(batch), labels)
+        return loss if scale is None else loss * scale
+
+
+def distributed_wrap(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel (the process group is the caller's; on CPU no
+    device ids). A forward may leave parameters unused (the source model's batch user-order
+    parts in a streaming step; the downstream's history parts in a batch without history),
+    hence ``find_unused_parameters``: DDP then leaves the gradients of parameters no rank used
+    None, as a single process's backward does (and zero-fills those some rank used)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, find_unused_parameters=True)
+
+
 @dataclass
 class StepResult:
     source_loss: float
@@ -203,7 +239,7 @@ class OnlineLearner:
     time (module docstring). ``seed`` seeds torch once, at construction."""
 
     def __init__(self, source: UserOrderSource, downstream: IATDownstream, like: PreparedData,
-                 pcfg: ProtocolConfig, seed: int = 0, window: int = 2048) -> None:
+                 pcfg: ProtocolConfig, seed: int = 0, window: int = 2048, distributed: bool = False) -> None:
         if not isinstance(source, UserOrderSource):
             raise TypeError("source: the online loop trains a user-order source model (Eq. 7-8)")
         set_seed(seed)
@@ -212,6 +248,10 @@ class OnlineLearner:
         self.source = SourcePass(source, like, provider, pcfg)
         self.downstream = downstream
         self.opt = torch.optim.Adam(downstream.parameters(), lr=pcfg.lr)
+        self.downstream_loss: torch.nn.Module = DownstreamLoss(downstream)
+        if distributed:
+            self.source.stream_loss = distributed_wrap(self.source.stream_loss)
+            self.downstream_loss = distributed_wrap(self.downstream_loss)
         self.progressive = ProgressiveValidation(like.tasks, window)
         self.steps = 0
         self.instances = 0
@@ -222,24 +262,30 @@ class OnlineLearner:
         batch = iat_batch(data, rows, self.source.stored, self.downstream.cfg)
         return torch.sigmoid(self.downstream(batch)).numpy()
 
-    def step(self, data: PreparedData, rows: np.ndarray) -> StepResult:
+    def step(self, data: PreparedData, rows: np.ndarray, scale: float | None = None) -> StepResult:
         """Train both models on ``rows`` of ``data`` (a time-ordered batch after every row
-        trained so far); progressive metrics are updated with the predictions made before."""
+        trained so far); progressive metrics are updated with the predictions made before.
+        ``scale`` multiplies both mean losses (module docstring); no rows: a zero-loss step."""
         rows = np.asarray(rows, dtype=np.int64)
         self.source.data = data
         labels = data.labels[rows]
-        source_loss = self.source.step(PassBatch("stream", rows))
-        source_probs = torch.sigmoid(self.source.last_logits).numpy()
-        iat_probs = self._predict(data, rows)
-        self.downstream.train()
-        loss = bce(self.downstream(iat_batch(data, rows, self.source.stored, self.downstream.cfg)),
-                   torch.from_numpy(labels))
+        source_loss = self.source.step(PassBatch("stream", rows, scale=scale))
+        if len(rows):
+            source_probs = torch.sigmoid(self.source.last_logits).numpy()
+            iat_probs = self._predict(data, rows)
+            self.downstream.train()
+            loss = self.downstream_loss(iat_batch(data, rows, self.source.stored, self.downstream.cfg),
+                                        torch.from_numpy(labels), scale)
+        else:
+            source_probs = iat_probs = np.zeros((0, len(data.tasks)), np.float32)
+            loss = self.downstream_loss(None, None)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         self.downstream.eval()
-        self.progressive.add("source", labels, source_probs)
-        self.progressive.add("iat", labels, iat_probs)
+        if len(rows):
+            self.progressive.add("source", labels, source_probs)
+            self.progressive.add("iat", labels, iat_probs)
         self.steps += 1
         self.instances += len(rows)
         return StepResult(source_loss, float(loss.detach()), source_probs, iat_probs)

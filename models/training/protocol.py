@@ -21,7 +21,9 @@ model that is exported and that the source service runs when those instances are
 
 ``SourcePass`` is the state (model, optimiser, provider) and ``step(batch)`` one batch of the
 pass; the online learning loop drives it one streaming batch at a time, and ``run_pass`` (the
-offline experiment, ``iat train``) is a loop over ``plan_pass``.
+offline experiment, ``iat train``) is a loop over ``plan_pass``. A streaming batch's training
+forward is ``SourcePass.stream_loss`` (a ``StreamLoss`` module), which the online loop wraps in
+``DistributedDataParallel`` to train across processes (models.training.online).
 """
 from __future__ import annotations
 
@@ -68,10 +70,38 @@ class ProtocolConfig:
 @dataclass
 class PassBatch:
     """One optimiser step of the pass. ``"batch"``: user-order windows ``seqs`` (each a user's
-    instances in time order); ``"stream"``: ``rows`` in time order."""
+    instances in time order); ``"stream"``: ``rows`` in time order (possibly none: a process
+    of a distributed step with nothing to train, models.training.online). ``scale`` multiplies
+    a stream batch's mean loss (its share of a step across processes; None: 1)."""
     kind: str
     rows: np.ndarray
     seqs: list[np.ndarray] = field(default_factory=list)
+    scale: float | None = None
+
+
+def zero_loss(module: torch.nn.Module) -> torch.Tensor:
+    """0, as a function of every parameter: the loss of an empty batch, so that the backward
+    still gives every parameter a (zero) gradient, as a gradient all-reduce needs."""
+    return sum((p.sum() * 0.0 for p in module.parameters() if p.requires_grad), torch.zeros(()))
+
+
+class StreamLoss(torch.nn.Module):
+    """A streaming batch's loss as a module (Eq. 8 over the fetched history, BCE), so that the
+    training forward can go through ``DistributedDataParallel``, whose backward all-reduces the
+    gradients of what its forward returned. ``batch`` None: ``zero_loss``. Returns (loss,
+    logits)."""
+
+    def __init__(self, model: UserOrderSource) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict | None, hist: torch.Tensor | None, mask: torch.Tensor | None,
+                labels: torch.Tensor | None, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch is None:
+            return zero_loss(self.model), torch.zeros(0)
+        logits, _ = streaming_forward(self.model, batch, hist, mask)
+        loss = bce(logits, labels)
+        return (loss if scale is None else loss * scale), logits
 
 
 def time_order(data: PreparedData, rows: np.ndarray) -> np.ndarray:
@@ -133,6 +163,8 @@ class SourcePass:
         self.written = np.zeros(data.n, dtype=bool)
         self.losses: list[float] = []
         self.last_logits: torch.Tensor | None = None  # a stream batch's logits, before its step
+        # the training forward of a stream batch; the online loop may wrap it (DDP)
+        self.stream_loss: torch.nn.Module | None = StreamLoss(model) if self.user_order else None
 
     def _reserve(self, n: int) -> None:
         """Room for rows < ``n`` (the online loop's data grows: models.training.online)."""
@@ -163,6 +195,8 @@ class SourcePass:
     def step(self, batch: PassBatch) -> float:
         """Fetch (streaming), write, then train on ``batch``; returns its loss."""
         data, rows = self.data, batch.rows
+        if batch.kind == "stream" and self.user_order and len(rows) == 0:
+            return self._step_loss(self.stream_loss(None, None, None, None)[0])
         if batch.kind == "stream" and self.user_order:
             # fetched before this batch is written: instances of one batch never see each other
             hist, mask = self.provider.fetch(self._users(rows), data.ts_ms[rows], self.cfg.history_limit)
@@ -179,10 +213,12 @@ class SourcePass:
             seq_batch, labels, weight = sequence_batch(data, batch.seqs, self.model.cfg)
             loss = bce(self.model.forward_sequence(seq_batch), labels, weight)
         else:
-            logits, _ = streaming_forward(self.model, labelled_batch(data, rows, self.model.cfg),
-                                          torch.from_numpy(hist), torch.from_numpy(mask))
-            loss = bce(logits, torch.from_numpy(data.labels[rows]))
+            loss, logits = self.stream_loss(labelled_batch(data, rows, self.model.cfg), torch.from_numpy(hist),
+                                            torch.from_numpy(mask), torch.from_numpy(data.labels[rows]), batch.scale)
             self.last_logits = logits.detach()
+        return self._step_loss(loss)
+
+    def _step_loss(self, loss: torch.Tensor) -> float:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

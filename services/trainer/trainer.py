@@ -27,6 +27,41 @@ the kill threw away (the steps after the last checkpoint); what can be published
 version whose checkpoint was written but whose publish was interrupted (the same weights come
 out again under a later version name after the replay). Label updates are idempotent (first
 label wins), so a redelivered one changes nothing.
+
+Several trainer processes (DDP: ``IAT_TRAINER_WORLD_SIZE`` > 1, ``IAT_TRAINER_RANK``,
+``IAT_TRAINER_DIST_URL``; services/trainer/lockstep.py). Each rank owns a share of the
+partitions (by default p % world == rank; a user lives in one partition, so a user's history
+and InsEmbs are on one rank), with its own consumer name (``<name>-rank<r>``), label group
+(``trainer-rank<r>``: every rank sees every label update and keeps its own users'), joiner,
+``OnlineLog``, InsEmb store and checkpoint directory (``<IAT_TRAINER_DIR>/rank-<r>``). The
+gradients of both models are all-reduced by ``DistributedDataParallel`` (models.training.online):
+the weights are equal on every rank at every step.
+
+Lockstep: every rank takes the same steps. Before each step the ranks exchange their buffered
+instance counts and how long their partitions have been quiet (``Lockstep.exchange``); all
+compute the same ``plan_step``: a full batch each when every rank has one; else, once every
+rank short of a batch has been quiet ``IAT_TRAINER_FLUSH_S``, what each has (a partial batch,
+or an EMPTY one for a rank with nothing: a zero loss, it still takes part in the all-reduce).
+So a quiet rank holds the others back at most ``flush_s`` after its partitions went quiet, and
+never forever. A step's loss on rank r is its batch mean times n_r * world / N (N the step's
+instances on all ranks): the averaged gradient is the mean over the N instances, exactly one
+trainer's step on their union. A partial or one-sided step is thus a smaller global batch at
+the same learning rate (a noisier gradient, not a larger step: nothing is rescaled by Adam's
+normalisation either way); while one rank is quiet its users' data simply do not appear in
+the global batch. Counts are global: ``publish_every`` and ``checkpoint_every`` count the
+instances of all ranks, so every rank checkpoints at the same step; the wall-clock publish
+interval is rank 0's clock (it travels in the exchange). Rank 0 alone publishes.
+
+Checkpoints and restarts under DDP: a rank writes ``checkpoint-<steps>.pt``, waits at a barrier
+until every rank has written the same step, and only then acks its entries and deletes its
+older checkpoints, so every rank always holds the newest step that ALL ranks hold. A failed
+pass (a peer gone: a collective fails after ``IAT_TRAINER_DIST_TIMEOUT_S`` at worst, at once
+when the peer's socket closes; a store error) ends the process (exit code 75), as its peers'
+collectives then fail too: the JOB restarts as a whole (all ranks, as under torchrun or a
+Kubernetes job), never one rank alone. At start the ranks agree on the newest checkpoint step
+they all hold, each loads its own at that step (a newer one of its own is deleted), and
+re-reads its pending entries, which cover everything after that step (nothing was acked past
+it). What is trained twice and published twice is as for one trainer, per rank.
 """
 from __future__ import annotations
 
@@ -53,12 +88,15 @@ from services import metrics
 from services.config import Settings
 from services.trainer.archive import write_segment
 from services.trainer.joiner import LabelJoiner, Ready, entry_after
+from services.trainer.lockstep import Lockstep, backend_for, plan_step
 from storage.late_labels import LABELS_GROUP, LABELS_STREAM
 from storage.stream import InstanceStream, PartitionedStream
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 ARCHIVE = "archive"  # every trained instance, for offline training and backfill (archive.py)
+DDP_CHECKPOINT = "checkpoint-{:09d}.pt"   # a rank's, by step count
+JOB_RESTART_EXIT = 75                     # a DDP rank's pass failed: the job restarts as a whole
 SOURCE, IAT = "source", "iat"
 
 
@@ -101,24 +139,31 @@ class Trainer:
     def __init__(self, settings: Settings, client, consumer: str | None = None) -> None:
         self.settings = s = settings
         self.client = client
-        self.dir = Path(s.trainer_dir)
+        self.world, self.rank = s.trainer_world_size, s.trainer_rank
+        # the rendezvous first: which checkpoint to load is agreed by all ranks
+        self.lockstep = Lockstep(self.world, self.rank, s.trainer_dist_url, backend_for(torch.device("cpu")),
+                                 s.trainer_dist_timeout_s) if self.world > 1 else None
+        self.dir = Path(s.trainer_dir) / f"rank-{self.rank}" if self.lockstep else Path(s.trainer_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.model_dir = Path(s.model_dir)
         self.consumer = consumer or s.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+        labels_group = LABELS_GROUP
+        if self.lockstep:
+            self.consumer, labels_group = f"{self.consumer}-rank{self.rank}", f"{LABELS_GROUP}-rank{self.rank}"
         self.stream = PartitionedStream(client, partitions=s.stream_partitions, prefix=s.key_prefix,
                                         group="trainer", max_backlog=s.stream_max_backlog)
         self.owned = [self.stream.partitions[p] for p in s.trainer_owned_partitions]
         self.owned_ids = {p.partition for p in self.owned}
-        # Labels are not partitioned: every trainer reads all of them and keeps its partitions'
-        # users', so trainers owning different partitions need groups of their own (a shared
-        # group would hand each label to one of them only).
-        owned_all = sorted(self.owned_ids) == list(range(s.stream_partitions))
-        labels_group = LABELS_GROUP if owned_all else f"{LABELS_GROUP}-p{'.'.join(map(str, sorted(self.owned_ids)))}"
+        if self.lockstep is None and sorted(self.owned_ids) != list(range(s.stream_partitions)):
+            # Labels are not partitioned: every trainer reads all of them and keeps its
+            # partitions' users, so trainers owning different partitions need groups of their
+            # own (a shared group would hand each label to one of them only).
+            labels_group = f"{LABELS_GROUP}-p{'.'.join(map(str, sorted(self.owned_ids)))}"
         self.labels_stream = InstanceStream(client, prefix=s.key_prefix, name=LABELS_STREAM, group=labels_group)
         self.pcfg = ProtocolConfig(batch_fraction=0.0, history_limit=s.trainer_history_limit,
                                    batch_size=s.trainer_batch_size, lr=s.trainer_lr)
-        checkpoint = self.dir / CHECKPOINT
-        state = load_state(checkpoint.read_bytes()) if checkpoint.is_file() else None
+        checkpoint = self._checkpoint_to_load()
+        state = load_state(checkpoint.read_bytes()) if checkpoint is not None else None
         if state is None:
             source_dir, iat_dir = starting_versions(self.model_dir)
             self.start = {SOURCE: source_dir.name, IAT: iat_dir.name}
@@ -136,7 +181,8 @@ class Trainer:
         self.min_ordinal = im.source_min_ordinal if im.source_min_ordinal is not None else (sm.ordinal or 0)
         like = empty_data(self.spec, self.tasks)
         self.learner = OnlineLearner(self.source_module.source, self.iat_module.model, like, self.pcfg,
-                                     seed=s.trainer_seed, window=s.trainer_window)
+                                     seed=s.trainer_seed + self.rank, window=s.trainer_window,
+                                     distributed=self.lockstep is not None)
         self.log = OnlineLog(like)
         self.joiner = LabelJoiner(self.tasks, round(s.label_window_s * 1000))
         self.buffer: list[Ready] = []
@@ -145,6 +191,7 @@ class Trainer:
         self.unacked_labels: list[str] = []
         self.published: list[Published] = []
         self.archived = 0  # rows of the log written to the archive
+        self.trained = 0                              # instances trained, all ranks together
         self.last_ordinal = 0
         self.last_version_time: datetime | None = None
         self.since_checkpoint = 0
@@ -159,6 +206,26 @@ class Trainer:
         else:
             log.info("trainer: starting from source %s and iat %s", self.start[SOURCE], self.start[IAT])
         self._snapshot()
+
+    def _checkpoint_to_load(self) -> Path | None:
+        """One trainer: its checkpoint, if any. DDP: the newest step every rank holds (module
+        docstring); this rank's newer ones are deleted."""
+        if self.lockstep is None:
+            path = self.dir / CHECKPOINT
+            return path if path.is_file() else None
+        mine = sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("checkpoint-*.pt"))
+        held = self.lockstep.gather_ints(mine[-2:], 2)
+        common = set(held[0]).intersection(*held[1:])
+        if not common:
+            if any(held):
+                raise TrainerError(f"the ranks hold checkpoints of no common step ({held}): restore them, "
+                                   f"or clear every rank's directory and the trainer groups to start over")
+            return None
+        step = max(common)
+        for s in mine:
+            if s > step:
+                (self.dir / DDP_CHECKPOINT.format(s)).unlink()
+        return self.dir / DDP_CHECKPOINT.format(step)
 
     # ------------------------------------------------------------------ reading
     def _ensure_groups(self) -> None:
@@ -218,17 +285,22 @@ class Trainer:
             self.unacked_labels.append(e.entry_id)
 
     # ------------------------------------------------------------------ training
-    def _step(self, items: list[Ready]) -> None:
+    def _step(self, items: list[Ready], scale: float | None = None, total: int | None = None) -> None:
+        """One step on ``items`` (DDP: this rank's share, possibly none, of ``total`` instances,
+        its loss times ``scale``)."""
         items = sorted(items, key=lambda r: (r.event.timestamp_ms, r.event.ins_id))
         spec = self.spec
-        feats = [unpack_features(spec, r.event.features) for r in items]
-        rows = self.log.append(
-            [r.event.user_id for r in items], [r.event.ins_id for r in items],
-            [r.event.timestamp_ms for r in items], [r.event.item_hash for r in items],
-            np.stack([f[0] for f in feats]), np.stack([f[1] for f in feats]), np.stack([f[2] for f in feats]),
-            np.array([[r.labels[t] for t in self.tasks] for r in items], dtype=np.float32))
+        if items:
+            feats = [unpack_features(spec, r.event.features) for r in items]
+            rows = self.log.append(
+                [r.event.user_id for r in items], [r.event.ins_id for r in items],
+                [r.event.timestamp_ms for r in items], [r.event.item_hash for r in items],
+                np.stack([f[0] for f in feats]), np.stack([f[1] for f in feats]), np.stack([f[2] for f in feats]),
+                np.array([[r.labels[t] for t in self.tasks] for r in items], dtype=np.float32))
+        else:
+            rows = np.zeros(0, np.int64)
         t0 = time.perf_counter()
-        self.learner.step(self.log.view(), rows)
+        self.learner.step(self.log.view(), rows, scale)
         metrics.TRAINER_STEP_SECONDS.observe(time.perf_counter() - t0)
         for r in items:
             for task in r.defaulted:
@@ -237,7 +309,9 @@ class Trainer:
             self.unacked.setdefault(r.partition, []).append(r.event.entry_id)
             if entry_after(r.event.entry_id, self.trained_through.get(r.partition)):
                 self.trained_through[r.partition] = r.event.entry_id
-        self.since_checkpoint += len(items)
+        counted = len(items) if total is None else total
+        self.trained += counted
+        self.since_checkpoint += counted
         for model, tasks in self.learner.progressive.metrics().items():
             for task, m in tasks.items():
                 if np.isfinite(m["auc"]):
@@ -261,6 +335,8 @@ class Trainer:
         version holds exactly ``publish_every`` more instances than the last one)."""
         self.buffer.extend(self.joiner.pop_ready())
         metrics.TRAINER_WAITING.set(self.joiner.waiting)
+        if self.lockstep is not None:
+            return self._train_lockstep()
         done = 0
         while (batch := self._next_batch()) is not None:
             self._step(batch)
@@ -269,10 +345,31 @@ class Trainer:
             self._snapshot()
         return done
 
-    def _publish_and_checkpoint_when_due(self) -> None:
+    def _train_lockstep(self) -> int:
+        """DDP: exchange, plan, step, until the plan says no step (module docstring)."""
+        size, world = self.settings.trainer_batch_size, self.world
+        done = 0
+        while True:
+            t0 = time.perf_counter()
+            ex = self.lockstep.exchange(len(self.buffer), time.monotonic() - self.last_read_at,
+                                        self.rank == 0 and self._interval_due())
+            metrics.TRAINER_LOCKSTEP_WAIT_SECONDS.observe(time.perf_counter() - t0)
+            sizes = plan_step(ex.buffered, ex.idle_s, size, self.settings.trainer_flush_s)
+            if sizes is not None:
+                mine, total = sizes[self.rank], sum(sizes)
+                batch, self.buffer = self.buffer[:mine], self.buffer[mine:]
+                self._step(batch, mine * world / total, total)
+                metrics.TRAINER_LOCKSTEP_STEPS.labels("full" if mine == size else "partial" if mine else "empty").inc()
+                done += mine
+            self._publish_and_checkpoint_when_due(ex.publish_due)
+            self._snapshot()
+            if sizes is None:
+                return done
+
+    def _publish_and_checkpoint_when_due(self, interval_due: bool | None = None) -> None:
         # publish first: the checkpoint then records it, so a resumed trainer keeps the
         # schedule (a kill in between publishes those weights again after the replay)
-        publish, checkpoint = self._due()
+        publish, checkpoint = self._due(interval_due)
         if publish:
             self.publish()
         if checkpoint:
@@ -283,7 +380,7 @@ class Trainer:
         return {"start": self.start, "learner": self.learner.state(), "log": self.log.state(),
                 "joiner": self.joiner.state(), "buffer": self.buffer, "trained_through": dict(self.trained_through),
                 "last_ordinal": self.last_ordinal, "last_version_time": self.last_version_time,
-                "published": self.published, "archived": self.archived}
+                "published": self.published, "archived": self.archived, "trained": self.trained}
 
     def _restore(self, state: dict) -> None:
         self.learner.load(state["learner"])
@@ -295,6 +392,7 @@ class Trainer:
         self.last_version_time = state["last_version_time"]
         self.published = list(state["published"])
         self.archived = state["archived"]
+        self.trained = state.get("trained", self.learner.instances)  # older checkpoints: one trainer's
         self.source_module.eval()
         self.iat_module.eval()
 
@@ -310,9 +408,10 @@ class Trainer:
 
     def checkpoint(self) -> Path:
         """Archive what was trained since the last one, write the checkpoint atomically (temp
-        file, fsync, rename), then ack what it covers."""
+        file, fsync, rename), then ack what it covers (DDP: once every rank has written its
+        checkpoint of this step; module docstring)."""
         self._archive()
-        path = self.dir / CHECKPOINT
+        path = self.dir / (CHECKPOINT if self.lockstep is None else DDP_CHECKPOINT.format(self.learner.steps))
         tmp = path.with_suffix(".tmp")
         with tmp.open("wb") as fh:
             fh.write(save_state(self._state()))
@@ -320,6 +419,11 @@ class Trainer:
             os.fsync(fh.fileno())
         tmp.replace(path)
         metrics.TRAINER_CHECKPOINTS.inc()
+        if self.lockstep is not None:
+            self.lockstep.barrier()
+            for old in self.dir.glob("checkpoint-*.pt"):
+                if old != path:
+                    old.unlink()
         for p in self.owned:
             ids = self.unacked.pop(p.partition, [])
             if ids:
@@ -332,7 +436,13 @@ class Trainer:
         return path
 
     def publish(self) -> Published:
-        """A source + iat version from the current weights (``export_run``: staged, renamed)."""
+        """A source + iat version from the current weights (``export_run``: staged, renamed).
+        DDP: rank 0 exports; the others only record the schedule."""
+        if self.rank != 0:
+            published = Published({}, self.trained, 0)
+            self.published.append(published)
+            self.last_publish_at = time.monotonic()
+            return published
         now = datetime.now(timezone.utc).replace(microsecond=0)
         if self.last_version_time is not None and now <= self.last_version_time:
             now = self.last_version_time + timedelta(seconds=1)  # version names must increase
@@ -348,7 +458,7 @@ class Trainer:
         first = self.tasks[0]
         (run / RUN_FILE).write_text(json.dumps({
             "created": now.isoformat(), "dataset": "instance stream (online)", "tasks": self.tasks,
-            "feature_spec": self.spec.to_json(), "trained_instances": self.learner.instances,
+            "feature_spec": self.spec.to_json(), "trained_instances": self.trained,
             "metrics": {m: {"best_val_auc": progressive.get(m, {}).get(first, {}).get("auc")} for m in (SOURCE, IAT)},
         }, default=float))
         # export_run builds fresh modules (random init): the training RNG must not see them, or
@@ -359,7 +469,7 @@ class Trainer:
         self.source_module.eval()
         self.iat_module.eval()
         self.last_version_time, self.last_ordinal = now, ordinal
-        published = Published({k: v.name for k, v in out.items()}, self.learner.instances, ordinal)
+        published = Published({k: v.name for k, v in out.items()}, self.trained, ordinal)
         self.published.append(published)
         self.last_publish_at = time.monotonic()
         metrics.TRAINER_PUBLISHED.inc()
@@ -368,15 +478,20 @@ class Trainer:
 
     @property
     def since_publish(self) -> int:
-        """Instances trained since the last published version (from the record, which the
-        checkpoint keeps: a resumed trainer publishes at the same counts)."""
-        return self.learner.instances - (self.published[-1].instances if self.published else 0)
+        """Instances trained (by all ranks) since the last published version (from the record,
+        which the checkpoint keeps: a resumed trainer publishes at the same counts)."""
+        return self.trained - (self.published[-1].instances if self.published else 0)
 
-    def _due(self) -> tuple[bool, bool]:
+    def _interval_due(self) -> bool:
         s = self.settings
-        publish = self.since_publish >= s.trainer_publish_every or (
-            self.since_publish > 0 and s.trainer_publish_interval_s > 0
-            and time.monotonic() - self.last_publish_at >= s.trainer_publish_interval_s)
+        return (self.since_publish > 0 and s.trainer_publish_interval_s > 0
+                and time.monotonic() - self.last_publish_at >= s.trainer_publish_interval_s)
+
+    def _due(self, interval_due: bool | None = None) -> tuple[bool, bool]:
+        """(publish, checkpoint) now; ``interval_due``: DDP, rank 0's answer for all ranks."""
+        s = self.settings
+        interval = self._interval_due() if interval_due is None else interval_due and self.since_publish > 0
+        publish = self.since_publish >= s.trainer_publish_every or interval
         every = s.trainer_checkpoint_every or s.trainer_publish_every
         return publish, publish or self.since_checkpoint >= every
 
@@ -384,11 +499,18 @@ class Trainer:
         """One pass (module docstring); returns the instances trained."""
         self._read(block)
         done = self.train_ready()
-        self._publish_and_checkpoint_when_due()  # the interval may be due with nothing new to step
+        if self.lockstep is None:  # DDP: checked at each exchange
+            self._publish_and_checkpoint_when_due()  # the interval may be due with nothing new to step
         self._snapshot()
         return done
 
     def after_error(self, exc: Exception) -> None:
+        if self.lockstep is not None:
+            # the ranks' collectives are out of step now: the job restarts as a whole (docstring)
+            log.critical("trainer: rank %d of %d failed (%s): exiting so that the job restarts", self.rank,
+                         self.world, exc)
+            logging.shutdown()
+            os._exit(JOB_RESTART_EXIT)
         self._own_pending_done = False  # re-read this consumer's pending entries
         self._groups_ready = False
 
@@ -396,7 +518,8 @@ class Trainer:
         """What ``stats`` answers, replaced whole by the loop (one assignment): the endpoint
         never waits for a step or a publish."""
         self._stats = {
-            "instances": self.learner.instances, "steps": self.learner.steps,
+            "instances": self.learner.instances, "steps": self.learner.steps, "trained": self.trained,
+            "rank": self.rank, "world": self.world, "users": len(self.log.user_ids),
             "waiting": self.joiner.waiting, "buffered": len(self.buffer),
             "trained_through": dict(self.trained_through), "partitions": sorted(self.owned_ids),
             "progressive": self.learner.progressive.metrics(),

@@ -37,6 +37,10 @@ SEED = 3
 
 @pytest.fixture(scope="module")
 def replay_set(movielens_models):
+    return replay_instances(movielens_models)
+
+
+def replay_instances(movielens_models):
     """(data, rows, raw instances of those rows in time order): the first instances after the
     models' training period, of the users the models were trained on."""
     schema = load_schema("movielens-100k")
