@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     online.add_argument("--online", action="store_true",
                         help="replay the period after training through source, sequencer, trainer and ranking")
     online.add_argument("--dataset", default="movielens-100k", help="--online: movielens-100k (default) or kuairand-pure")
-    online.add_argument("--publish-every", type=int, default=1000,
-                        help="--online: the trainer publishes a version every this many instances (default 1000)")
+    online.add_argument("--publish-every", type=int, default=1024,
+                        help="--online: the trainer publishes a version every this many instances (default 1024, "
+                             "8 steps of 128)")
     online.add_argument("--limit", type=int, default=None,
                         help="--online: replay at most this many instances (the earliest after training)")
 
