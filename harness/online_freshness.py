@@ -30,6 +30,7 @@ import numpy as np
 
 from harness.demo import Processes, pick_port
 from harness.demo_online import served_ranking_versions
+from harness.machine import MachineSampler, machine_markdown
 
 
 def quantiles(values: list[float]) -> dict[str, float]:
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 
     server = EmbeddedRedis(directory=out / "redis").start()
     procs = Processes(out / "logs")
+    machine = MachineSampler()
+    machine.start()
     try:
         ports = {n: pick_port(0) for n in ("ranking", "source", "sequencer", "trainer", "grpc")}
         env = {"REDIS_URL": server.url, "IAT_MODEL_DIR": str(model_dir), "IAT_RUNTIME": "torchscript",
@@ -160,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             later = [s for name, s in served_at.items() if name >= version["versions"]["iat"]]
             if later:
                 label_lag.append(min(later) - t)
+        machine.stop()
         result = {
+            "machine": machine.summary(),
             "settings": {"batch": args.batch, "publish_every": args.publish_every, "reload_s": args.reload_s,
                          "label_chunk": args.label_chunk, "label_every_s": args.label_every_s,
                          "poll_s": args.poll_s, "instances": len(posted)},
@@ -169,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             "versions_published": len(published),
         }
         (out / "freshness.json").write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+        print(machine_markdown(result["machine"]))
         return 0
     finally:
         procs.stop_all()

@@ -75,7 +75,12 @@ def replay_curve(run_dir: Path, data: PreparedData, rows: np.ndarray, lr: float,
     # the labels in the order the replay steps them: time order, as replay sorts
     ordered = time_order(data, rows)
     labels.append(data.labels[ordered, t])
+    before = {k: v.clone() for k, v in iat.state_dict().items()} if lr == 0 else None
     replay(learner, data, ordered, batch_size, on_step=on_step)
+    if before is not None:  # what "frozen" means here, checked rather than assumed
+        moved = [k for k, v in iat.state_dict().items() if not torch.equal(v, before[k])]
+        if moved:
+            raise AssertionError(f"lr = 0 moved the iat weights {moved[:3]}")
     y = np.concatenate(labels)
     for model in ("source", "iat"):
         curve.overall_auc[model] = float(auc(y, np.concatenate(probs[model])))
