@@ -32,9 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import httpx
     import numpy as np
 
-    from harness.online_replay import ReplayError, raw_for_rows, replay_rows, resolve_dataset, run_replay, table
+    from harness.online_replay import (
+        ReplayError, raw_for_rows, replay_rows, resolve_dataset, run_replay, table, trainer_stats)
     from models.data.prepared import load_dataset
 
     try:
@@ -45,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         if args.label_delay_s is not None and args.label_delay_s < 0:
             raise ReplayError(f"--label-delay-s: must be >= 0, got {args.label_delay_s}")
         schema, folder = resolve_dataset(args.dataset, args.data_dir)
+        with httpx.Client() as http:  # fail fast, before loading the data
+            trainer_stats(http, args.trainer.rstrip("/"))
         data = load_dataset(schema, folder)
         rows = replay_rows(data, np.arange(min(args.max_users, data.n_users)), args.period)[:args.limit]
         if not len(rows):

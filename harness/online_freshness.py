@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import signal
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from harness.demo import Processes, pick_port
+from harness.demo import Processes, _sigterm_as_interrupt, pick_port
 from harness.demo_online import served_ranking_versions
 from harness.machine import MachineSampler, machine_markdown
 
@@ -47,6 +49,7 @@ class VersionPoller(threading.Thread):
         self.ranking_url, self.trainer_url, self.poll_s = ranking_url, trainer_url, poll_s
         self.first_served: dict[str, float] = {}
         self.published: list[dict] = []
+        self.trained = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -59,7 +62,8 @@ class VersionPoller(threading.Thread):
                     now = time.monotonic()
                     if iat and iat not in self.first_served:
                         self.first_served[iat] = now
-                    self.published = http.get(self.trainer_url + "/v1/stats").json()["published"]
+                    stats = http.get(self.trainer_url + "/v1/stats").json()
+                    self.published, self.trained = stats["published"], stats["instances"]
                 except httpx.HTTPError:
                     pass
                 self.stop.wait(self.poll_s)
@@ -95,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     raw = raw_for_rows(schema, folder, data, rows)
 
     server = EmbeddedRedis(directory=out / "redis").start()
+    (out / "logs").mkdir(exist_ok=True)
+    shutil.rmtree(out / "trainer", ignore_errors=True)  # a fresh trainer: instance k is the k-th it trains
     procs = Processes(out / "logs")
     machine = MachineSampler()
     machine.start()
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         ports = {n: pick_port(0) for n in ("ranking", "source", "sequencer", "trainer", "grpc")}
         env = {"REDIS_URL": server.url, "IAT_MODEL_DIR": str(model_dir), "IAT_RUNTIME": "torchscript",
@@ -143,18 +150,18 @@ def main(argv: list[str] | None = None) -> int:
                 response.raise_for_status()
                 label_at += [t] * len(chunk)
                 time.sleep(args.label_every_s)
-            # until ranking serves the version holding the last instance with a label
-            last_needed = (len(posted) // args.publish_every) * args.publish_every
+            # until every labelled instance is trained and ranking serves the newest version
+            # (the instances after it wait for more labels: they are not counted below)
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
-                covering = [v for v in poller.published if v["instances"] >= last_needed]
-                if covering and covering[0]["versions"]["iat"] in poller.first_served:
+                if poller.trained >= len(posted) and poller.published and \
+                        poller.published[-1]["versions"]["iat"] in poller.first_served:
                     break
                 time.sleep(0.2)
             poller.stop.set()
             poller.join()
         served_at = poller.first_served
-        label_lag = []
+        label_lag, last_lag = [], []
         published = sorted(poller.published, key=lambda v: v["instances"])
         for k, t in enumerate(label_at):
             version = next((v for v in published if v["instances"] >= k + 1), None)
@@ -163,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             later = [s for name, s in served_at.items() if name >= version["versions"]["iat"]]
             if later:
                 label_lag.append(min(later) - t)
+                if version["instances"] == k + 1:  # the label the version waited for last
+                    last_lag.append(min(later) - t)
         machine.stop()
         result = {
             "machine": machine.summary(),
@@ -171,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                          "poll_s": args.poll_s, "instances": len(posted)},
             "ingest_to_readable": quantiles(ingest_lag),
             "label_to_serving": quantiles(label_lag) if label_lag else None,
+            # the loop's own part: from the last label a version needed (train, publish, reload)
+            "last_label_to_serving": quantiles(last_lag) if last_lag else None,
             "versions_published": len(published),
         }
         (out / "freshness.json").write_text(json.dumps(result, indent=2))
@@ -180,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
         server.stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
