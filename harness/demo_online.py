@@ -19,6 +19,7 @@ from harness.demo import Processes, _sigterm_as_interrupt, pick_port, say
 from harness.processes import IAT
 
 RELOAD_INTERVAL_S = 0.5
+TRAINER_LR = 3e-4
 PICKUP_DEADLINE_S = 180.0   # generous: 2 shared cores; the wait ends as soon as both serve it
 
 
@@ -92,14 +93,16 @@ def run_online_demo(data_dir: Path | None, out_dir: Path, dataset: str, max_user
                "IAT_RELOAD_INTERVAL_S": str(RELOAD_INTERVAL_S), "IAT_TORCH_THREADS": "1",
                "IAT_TRAINER_DIR": str(out_dir / "trainer"), "IAT_TRAINER_BATCH_SIZE": str(batch_size),
                "IAT_TRAINER_PUBLISH_EVERY": str(publish_every), "IAT_TRAINER_PUBLISH_INTERVAL_S": "0",
-               "IAT_TRAINER_FLUSH_S": "1", "IAT_TRAINER_HISTORY_LIMIT": "63"}
+               "IAT_TRAINER_FLUSH_S": "1", "IAT_TRAINER_HISTORY_LIMIT": "63",
+               # the rate models/RESULTS.md's online-vs-frozen replay supports (2e-3 dips first)
+               "IAT_TRAINER_LR": str(TRAINER_LR)}
         procs.start("sequencer", ["serve", "sequencer"], env, ports["sequencer"])
         procs.start("source", ["serve", "source"], env, ports["source"])
         procs.start("ranking", ["serve", "ranking", "--grpc-port", str(ports["grpc"])], env, ports["ranking"])
         procs.start("trainer", ["serve", "trainer"], env, ports["trainer"])
         urls = {name: proc.wait("/readyz").base_url for name, proc in procs.procs.items()}
         say(f"   redis {redis_server.url}; " + ", ".join(f"{n} {u}" for n, u in urls.items()))
-        say(f"   trainer: a step every {batch_size} instances, a version every {publish_every}; "
+        say(f"   trainer: a step every {batch_size} instances (lr {TRAINER_LR:g}), a version every {publish_every}; "
             f"ranking and source reload every {RELOAD_INTERVAL_S}s")
 
         with httpx.Client(timeout=60) as http:
