@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("cli.export", "export trained models for serving"),
     "serve": ("cli.serve", "run a service: ranking, source or sequencer"),
     "demo": ("cli.demo", "run the end-to-end demo on embedded Redis"),
+    "replay": ("cli.replay", "replay a dataset in time order through the running online loop"),
     "bench": ("cli.bench", "benchmarks: store, model, ingest, score"),
 }
 

@@ -283,9 +283,15 @@ def test_compose_models_volume_and_read_only_data():
     def mounts(name):
         return [split_volume(v) for v in services[name].get("volumes", [])]
 
-    for name in ("ranking", "source", "train"):
+    for name in ("ranking", "source", "train", "trainer"):
         model_dir = str(settings_with(services[name]["environment"]).model_dir)
         assert ["models", model_dir] == mounts(name)[[m[0] for m in mounts(name)].index("models")][:2], name
+    # the trainer publishes into the models volume and keeps its checkpoint on a volume of its own
+    trainer = {m[1]: m for m in mounts("trainer")}
+    assert trainer[str(settings_with(services["trainer"]["environment"]).model_dir)][-1] != "ro"
+    checkpoint = trainer[str(settings_with(services["trainer"]["environment"]).trainer_dir)]
+    assert checkpoint[0] in COMPOSE["volumes"], checkpoint
+    assert services["trainer"]["depends_on"]["train"]["condition"] == "service_completed_successfully"
     for name in ("train", "seed"):
         data = [m for m in mounts(name) if "shared/data" in m[0]]
         assert len(data) == 1, f"{name}: mounts the data directory once"
@@ -413,7 +419,10 @@ def test_dashboard_queries_name_real_metrics():
             used |= names
     # What the issue asks the dashboard to show.
     for required in ("iat_ranking_stage_seconds_bucket", "iat_ranking_request_seconds_count",
-                     "iat_ranking_history_length_bucket", "iat_stream_lag", "iat_ranking_degraded_total"):
+                     "iat_ranking_history_length_bucket", "iat_stream_lag", "iat_ranking_degraded_total",
+                     # the online loop (issue 17): progressive validation and the trainer's pace
+                     "iat_progressive_auc", "iat_progressive_logloss", "iat_trainer_instances_total",
+                     "iat_trainer_waiting_instances", "iat_trainer_published_total"):
         assert required in used, required
 
 
