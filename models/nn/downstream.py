@@ -2,15 +2,15 @@
 
 For a request at time t the IAT sequence is the user's last L instances strictly before t
 (``PreparedData.history_index``), each an InsToken = concat(adapted InsEmb
-E' = GELU(E Wa + ba), side-info embeddings). Side info: the instance's past labels (one id
-per combination of {unknown, 0, 1} per task, ``features.LabelEmbedding``; dropped in the
-``no_label_side_info`` ablation) and its age at request
-time (log2 hours bucket; the paper's "other side info", dropped in the
-``no_other_side_info`` ablation: ``ModelConfig.gap_side_info``). A query token (Eq. 11: an MLP
-compressing all the downstream's feature tokens, or the ``id`` ablation: the candidate item id alone) reads the sequence; the
-output enters the token-mixing feature interaction as one more token (``ModelConfig.iat_position``
-"before_fi", the paper's), or, in the "after_fi" ablation (IAT Tab. 4, App. A.1 Fig. 8), is
-concatenated with the feature interaction's output before the task heads.
+E' = GELU(E Wa + ba), side-info embeddings). Side info: the instance's past labels (one id per combination of
+{unknown, 0, 1} per task, ``features.LabelEmbedding``; dropped in the ``no_label_side_info``
+ablation) and its age at request time (log2 hours bucket; the paper's "other side info",
+dropped in the ``no_other_side_info`` ablation: ``ModelConfig.gap_side_info``). A query token
+(Eq. 11: an MLP compressing all the downstream's feature tokens, or the ``id`` ablation: the
+candidate item id alone) reads the sequence; the output enters the token-mixing feature
+interaction as one more token (``ModelConfig.iat_position`` "before_fi", the paper's), or, in
+the "after_fi" ablation (IAT Tab. 4, App. A.1 Fig. 8), is concatenated with the feature
+interaction's output before the task heads.
 
 Two attention variants (``ModelConfig.attention``):
 - ``"full"`` (the paper): one Transformer over [query ; InsTokens], every token sees every

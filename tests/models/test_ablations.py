@@ -118,7 +118,7 @@ def test_transformer_after_fi_keeps_the_history_out_of_the_feature_interaction(d
         model = IATDownstream(replace(CFG, attention=attention, iat_position=position),
                               FeatureShape.of(data)).eval()
         fi_out = []
-        hook = model.backbone.fi[-1].register_forward_hook(lambda m, i, o: fi_out.append(o))
+        hook = model.backbone.fi[-1].register_forward_hook(lambda m, i, o, out=fi_out: out.append(o))
         with torch.no_grad():
             logits = [model(batch), model(other)]
         hook.remove()
