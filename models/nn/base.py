@@ -43,6 +43,13 @@ class ModelConfig:
     # stores instances whose labels have not arrived (nn.features.LabelEmbedding).
     unknown_label_rate: float = 0.05
     query: str = "compressed"    # "compressed" (Eq. 11) or "id" (candidate item id only)
+    # Where the IAT output joins the ranking model (IAT Tab. 4): "before_fi" (the paper's
+    # choice: one more token into the feature interaction) or "after_fi" (concatenated with the
+    # feature interaction's output, before the task heads).
+    iat_position: str = "before_fi"
+    # The InsTokens' "other" side info (IAT Tab. 4 "w/o other sideinfo", App. A.1: task-related
+    # timestamps): here each past instance's age at request time. Labels are label_side_info.
+    gap_side_info: bool = True
     dropout: float = 0.0
     # Training-time probability of hiding an instance's user-level categorical features (user
     # id and user side table). Most test users of a time split are new: a model that leans on
@@ -64,6 +71,15 @@ class FeatureShape:
         user_cols = tuple(i for i, f in enumerate(data.cat_fields) if f in data.field_groups["user"])
         return cls(data.cat.shape[1], data.multi.shape[1], data.num.shape[1], len(data.tasks),
                    data.n_buckets, user_cols)
+
+
+def hide_user_features(cat: torch.Tensor, user_cols: torch.Tensor, p: float) -> torch.Tensor:
+    """``cat`` with each row's user-level columns set absent (-1) with probability ``p``
+    (training only, never traced: ``ModelConfig.user_feature_dropout``)."""
+    hide = torch.rand(cat.shape[0], 1, device=cat.device) < p
+    cat = cat.clone()
+    cat[:, user_cols] = torch.where(hide, torch.full_like(cat[:, user_cols], -1), cat[:, user_cols])
+    return cat
 
 
 class TaskHeads(nn.Module):
@@ -123,10 +139,7 @@ class Backbone(nn.Module):
         cat = batch["cat"]
         p = self.cfg.user_feature_dropout
         if self.training and p > 0 and len(self.user_cols):
-            hide = torch.rand(cat.shape[0], 1, device=cat.device) < p  # training only, never traced
-            cat = cat.clone()
-            cat[:, self.user_cols] = torch.where(hide, torch.full_like(cat[:, self.user_cols], -1),
-                                                 cat[:, self.user_cols])
+            cat = hide_user_features(cat, self.user_cols, p)
         fields = self.embedder(cat, batch["multi"], batch["num"])
         target = self.embedder.lookup(batch["item"])
         if seq_memory is None:

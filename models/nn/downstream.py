@@ -2,12 +2,15 @@
 
 For a request at time t the IAT sequence is the user's last L instances strictly before t
 (``PreparedData.history_index``), each an InsToken = concat(adapted InsEmb
-E' = GELU(E Wa + ba), side-info embeddings). Side info: the instance's past labels (one id
-per combination of {unknown, 0, 1} per task, ``features.LabelEmbedding``; dropped in the
-``no_label_side_info`` ablation) and its age at request
-time (log2 hours bucket). A query token (Eq. 11: an MLP compressing all the downstream's
-feature tokens, or the ``id`` ablation: the candidate item id alone) reads the sequence; the
-output enters the token-mixing feature interaction as one more token.
+E' = GELU(E Wa + ba), side-info embeddings). Side info: the instance's past labels (one id per combination of
+{unknown, 0, 1} per task, ``features.LabelEmbedding``; dropped in the ``no_label_side_info``
+ablation) and its age at request time (log2 hours bucket; the paper's "other side info",
+dropped in the ``no_other_side_info`` ablation: ``ModelConfig.gap_side_info``). A query token
+(Eq. 11: an MLP compressing all the downstream's feature tokens, or the ``id`` ablation: the
+candidate item id alone) reads the sequence; the output enters the token-mixing feature
+interaction as one more token (``ModelConfig.iat_position`` "before_fi", the paper's), or, in
+the "after_fi" ablation (IAT Tab. 4, App. A.1 Fig. 8), is concatenated with the feature
+interaction's output before the task heads.
 
 Two attention variants (``ModelConfig.attention``):
 - ``"full"`` (the paper): one Transformer over [query ; InsTokens], every token sees every
@@ -50,16 +53,20 @@ class IATDownstream(nn.Module):
             raise ValueError(f"attention must be 'shared' or 'full', got {cfg.attention!r}")
         if cfg.query not in ("compressed", "id"):
             raise ValueError(f"query must be 'compressed' or 'id', got {cfg.query!r}")
+        if cfg.iat_position not in ("before_fi", "after_fi"):
+            raise ValueError(f"iat_position must be 'before_fi' or 'after_fi', got {cfg.iat_position!r}")
         self.cfg = cfg
         w = cfg.iat_width
-        self.backbone = Backbone(cfg, shape, n_extra_tokens=1, seq_labels=cfg.seq_label_side_info)
+        before_fi = cfg.iat_position == "before_fi"
+        self.backbone = Backbone(cfg, shape, n_extra_tokens=1 if before_fi else 0,
+                                 seq_labels=cfg.seq_label_side_info)
         # InsEmbs arrive at whatever scale their source model left them; normalising first
         # keeps them from drowning the side-info embeddings at the start of training.
         self.insemb_norm = nn.LayerNorm(cfg.insemb_dim)
         self.adapt = nn.Linear(cfg.insemb_dim, cfg.adapt_dim)
         self.label_side = LabelEmbedding(shape.n_tasks, cfg.side_dim, cfg.unknown_label_rate)
-        self.gap_side = nn.Embedding(N_GAP_BUCKETS, cfg.side_dim)
-        side = cfg.side_dim * (2 if cfg.label_side_info else 1)
+        self.gap_side = nn.Embedding(N_GAP_BUCKETS, cfg.side_dim) if cfg.gap_side_info else None
+        side = cfg.side_dim * (int(cfg.label_side_info) + int(cfg.gap_side_info))
         self.token_proj = nn.Linear(cfg.adapt_dim + side, w)
         self.pos = nn.Parameter(torch.randn(cfg.history_len + 1, w) * 0.02)
         if cfg.query == "compressed":
@@ -74,7 +81,8 @@ class IATDownstream(nn.Module):
         if cfg.attention == "shared":
             self.cross = CrossAttention(w, cfg.iat_heads, 2 * w)
         self.out = nn.Linear(w, self.backbone.token_dim)
-        self.heads = TaskHeads(self.backbone.out_dim, shape.n_tasks, cfg.head_hidden)
+        heads_in = self.backbone.out_dim + (0 if before_fi else self.backbone.token_dim)
+        self.heads = TaskHeads(heads_in, shape.n_tasks, cfg.head_hidden)
 
     # -- history side (once per request)
     def history_tokens(self, insemb: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
@@ -84,7 +92,8 @@ class IATDownstream(nn.Module):
         parts = [F.gelu(self.adapt(self.insemb_norm(insemb)))]
         if self.cfg.label_side_info:
             parts.append(self.label_side(labels, mask))
-        parts.append(self.gap_side(gap_ids))
+        if self.gap_side is not None:
+            parts.append(self.gap_side(gap_ids))
         tokens = self.token_proj(torch.cat(parts, dim=-1))
         return tokens + self.pos[1: tokens.shape[1] + 1]
 
@@ -102,6 +111,14 @@ class IATDownstream(nn.Module):
         return HistoryMemory(keys, values, mask)
 
     # -- candidate side
+    def _predict(self, fields: torch.Tensor, seq_tok: torch.Tensor, iat_out: torch.Tensor) -> torch.Tensor:
+        """Logits from the candidates' features and the IAT sequence's output [C, w], joined
+        where ``iat_position`` says."""
+        token = self.out(iat_out)
+        if self.cfg.iat_position == "before_fi":
+            return self.heads(self.backbone.interact(fields, seq_tok, [token]))
+        return self.heads(torch.cat([self.backbone.interact(fields, seq_tok), token], dim=1))
+
     def _query(self, fields: torch.Tensor, seq_tok: torch.Tensor, batch) -> torch.Tensor:
         if self.cfg.query == "compressed":
             return self.query(self.backbone.flat_features(fields, seq_tok))
@@ -115,7 +132,7 @@ class IATDownstream(nn.Module):
         ``batch["seq_items"]``."""
         fields, seq_tok = self.backbone.fields(batch, seq_memory)
         out = self.cross(self._query(fields, seq_tok, batch), memory.keys, memory.values, memory.mask)
-        return self.heads(self.backbone.interact(fields, seq_tok, [self.out(out)]))
+        return self._predict(fields, seq_tok, out)
 
     def score_grouped(self, memory: HistoryMemory, batch: dict[str, torch.Tensor],
                       seq_memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -129,7 +146,7 @@ class IATDownstream(nn.Module):
         seq_tok = bb.seq.attend_grouped(bb.embedder.lookup(batch["item"]), *seq_memory, slots, pad_index)
         out = self.cross.grouped(self._query(fields, seq_tok, batch), memory.keys, memory.values,
                                  memory.mask, slots, pad_index)
-        return self.heads(bb.interact(fields, seq_tok, [self.out(out)]))
+        return self._predict(fields, seq_tok, out)
 
     def _full(self, batch, tokens, mask) -> torch.Tensor:
         fields, seq_tok = self.backbone.fields(batch)
@@ -138,7 +155,7 @@ class IATDownstream(nn.Module):
         mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
         for block in self.encoder:
             x = block(x, mask)
-        return self.heads(self.backbone.interact(fields, seq_tok, [self.out(x[:, 0])]))
+        return self._predict(fields, seq_tok, x[:, 0])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens = self.history_tokens(batch["hist_emb"], batch["hist_labels"], batch["hist_mask"],

@@ -25,6 +25,7 @@ import torch
 
 from models.data.prepared import PreparedData
 from models.nn.base import BaseRanker, FeatureShape, ModelConfig
+from models.nn.din import DINRanker
 from models.nn.downstream import IATDownstream
 from models.training.batches import feature_batch
 from models.training.downstream import predict_downstream, train_downstream
@@ -42,10 +43,13 @@ from models.training.statistics import mean_interval, mean_std, paired_differenc
 
 # ---------------------------------------------------------------- the paper's rows
 
-def row_base(data: PreparedData, seed: int, cfg: ExperimentConfig, **overrides) -> RowResult:
+def row_base(data: PreparedData, seed: int, cfg: ExperimentConfig, network: type = BaseRanker,
+             name: str = "base", **overrides) -> RowResult:
+    """A ranking model without InsEmbs (``network``: the base model, or the DIN baseline) on
+    the instances' features and behaviour sequence, trained by ``fit`` on the same batches."""
     set_seed(seed)
     mc = replace(cfg.model, **overrides)
-    model = BaseRanker(mc, FeatureShape.of(data))
+    model = network(mc, FeatureShape.of(data))
     train, val, test = (data.split_indices(s) for s in (0, 1, 2))
     rng = np.random.default_rng(seed)
 
@@ -60,17 +64,20 @@ def row_base(data: PreparedData, seed: int, cfg: ExperimentConfig, **overrides) 
         model.eval()
         return data.labels[val], predict(forward, val)
 
-    info = fit(model, epoch_batches, validate, cfg.train, desc=f"base s{seed}")
+    info = fit(model, epoch_batches, validate, cfg.train, desc=f"{name} s{seed}")
     return RowResult(predict(forward, val), predict(forward, test), {"train": info})
 
 
 def source_result(kind: str, data: PreparedData, seed: int, cfg: ExperimentConfig) -> ProtocolResult:
-    """The ``kind`` source model ("user", "temporal" or "user_two_pass") trained by the
+    """The ``kind`` source model ("user", "temporal", "user_two_pass" or "user_after_sit", the
+    user-order pass giving the downstream its SIT outputs) trained by the
     time-ordered protocol (``models.training.protocol``) and the InsEmbs the downstream reads;
     trained once per seed and shared by every row over that source."""
     def build():
         if kind == "user_two_pass":
             return two_pass_insembs(data, cfg.model, cfg.protocol(), seed)
+        if kind == "user_after_sit":
+            return protocol_insembs("user", data, cfg.model, replace(cfg.protocol(), insemb="after_sit"), seed)
         return protocol_insembs(kind, data, cfg.model, cfg.protocol(), seed)
     return cfg.shared((kind, id(data), seed), build)
 
@@ -135,6 +142,24 @@ register_row("user_iat_id_query", _downstream_row("user_iat_id_query", "user", q
 register_row("user_iat_two_pass", _downstream_row("user_iat_two_pass", "user_two_pass"), default=False,
              description="as user_iat with two-pass user-order InsEmbs (App. A.3)")
 
+# The DIN baseline and the IAT paper's remaining ablations (Tab. 4), off by default.
+register_row("din", lambda d, s, c: row_base(d, s, c, network=DINRanker, name="din"), default=False,
+             description="DIN (target attention, MLP) on base's features and labelled behaviour sequence")
+register_row("user_iat_insemb_after_sit",
+             _downstream_row("user_iat_insemb_after_sit", "user_after_sit"), default=False,
+             description="as user_iat, the stored InsEmb taken after the SIT, not before (Tab. 4)")
+register_row("user_iat_transformer_after_fi",
+             _downstream_row("user_iat_transformer_after_fi", "user", iat_position="after_fi"),
+             default=False,
+             description="as user_iat, the IAT output joined after the feature interaction (Tab. 4)")
+register_row("user_iat_no_other_side_info",
+             _downstream_row("user_iat_no_other_side_info", "user", gap_side_info=False), default=False,
+             description="as user_iat without the other side info (instance age), labels kept (Tab. 4)")
+register_row("temporal_iat_no_other_side_info",
+             _downstream_row("temporal_iat_no_other_side_info", "temporal", gap_side_info=False),
+             default=False,
+             description="as temporal_iat without the other side info (instance age), labels kept (Tab. 4)")
+
 
 # The SIF rows register themselves (they import the registry, never this module: no cycle).
 import models.training.sif.rows  # noqa: E402,F401
@@ -154,6 +179,14 @@ COMPARISONS = (
     ("user_iat", "user_iat_full_attention", "shared-history vs full attention"),
     ("base", "base_item_ids_only", "what past labels add to the base model's sequence"),
     ("user_iat_two_pass", "user_iat", "two-pass (App. A.3) vs one-pass user-order InsEmbs"),
+    ("user_iat", "user_iat_insemb_after_sit", "InsEmb stored before vs after the SIT (Tab. 4)"),
+    ("user_iat", "user_iat_transformer_after_fi",
+     "IAT output before vs after the feature interaction (Tab. 4)"),
+    ("user_iat", "user_iat_no_other_side_info", "what the other side info (instance age) adds, user order"),
+    ("temporal_iat", "temporal_iat_no_other_side_info",
+     "what the other side info (instance age) adds, temporal order"),
+    ("user_iat", "din", "IAT vs DIN, both given past labels"),
+    ("base", "din", "the base model vs DIN, the same features"),
 )
 
 

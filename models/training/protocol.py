@@ -19,6 +19,13 @@ them from the store. Validation and test instances come after the training perio
 is by global time), so they are embedded by the final source model, frozen after the pass: the
 model that is exported and that the source service runs when those instances are ingested.
 
+What the downstream reads is the InsEmb from BEFORE the SIT (``ProtocolConfig.insemb``
+"before_sit", the paper's). The "after_sit" ablation (IAT Tab. 4 "w/ InsEmb stored after SIT")
+also records, when each instance is written, the SIT's output at that instance over its user's
+stored history (Eq. 8 form, eval mode, before the step: as ingest would compute it) and gives
+the downstream those; the SIT itself keeps reading pre-SIT InsEmbs from the provider (its input
+space), so the source model trains exactly as in the default pass.
+
 ``SourcePass`` is the state (model, optimiser, provider) and ``step(batch)`` one batch of the
 pass; the online learning loop drives it one streaming batch at a time, and ``run_pass`` (the
 offline experiment, ``iat train``) is a loop over ``plan_pass``. A streaming batch's training
@@ -48,6 +55,7 @@ from models.training.streaming import (
     HistoryProvider,
     InMemoryHistoryProvider,
     streaming_forward,
+    streaming_sit,
 )
 
 
@@ -58,10 +66,13 @@ class ProtocolConfig:
     history_limit: int = 127     # streaming: past InsEmbs fetched per instance (Eq. 8: L - 1)
     batch_size: int = 512        # instances per optimiser step, both phases
     lr: float = 2e-3
+    insemb: str = "before_sit"   # what the downstream reads: "before_sit" (paper) or "after_sit"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.batch_fraction <= 1.0:
             raise ValueError(f"batch_fraction: must lie in [0, 1], got {self.batch_fraction}")
+        if self.insemb not in ("before_sit", "after_sit"):
+            raise ValueError(f"insemb: must be 'before_sit' or 'after_sit', got {self.insemb!r}")
         for name in ("window", "history_limit", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -148,7 +159,8 @@ def plan_pass(data: PreparedData, rows: np.ndarray, cfg: ProtocolConfig, rng: np
 
 class SourcePass:
     """A source model being trained by the protocol: its optimiser, the history provider it
-    writes to and reads from, and what it stored (``stored[row]``, ``written[row]``).
+    writes to and reads from, and what it stored (``stored[row]``, ``written[row]``; with
+    ``cfg.insemb == "after_sit"`` also ``stored_after_sit[row]``, the SIT output at the row).
 
     ``on_train(state, rows)`` is called after a batch's InsEmbs are written and before the
     model trains on it (a test checks the store at that moment)."""
@@ -158,9 +170,13 @@ class SourcePass:
         self.model, self.data, self.provider, self.cfg = model, data, provider, cfg
         self.on_train = on_train
         self.user_order = isinstance(model, UserOrderSource)
+        self.after_sit = cfg.insemb == "after_sit"
+        if self.after_sit and not self.user_order:
+            raise ValueError("insemb: 'after_sit' needs a user-order source (only it has a SIT)")
         self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         self.stored = np.zeros((data.n, model.cfg.insemb_dim), dtype=np.float32)
         self.written = np.zeros(data.n, dtype=bool)
+        self.stored_after_sit = np.zeros_like(self.stored) if self.after_sit else None
         self.losses: list[float] = []
         self.last_logits: torch.Tensor | None = None  # a stream batch's logits, before its step
         # the training forward of a stream batch; the online loop may wrap it (DDP)
@@ -175,6 +191,10 @@ class SourcePass:
             written = np.zeros(size, dtype=bool)
             written[:len(self.written)] = self.written
             self.stored, self.written = stored, written
+            if self.stored_after_sit is not None:
+                after = np.zeros_like(stored)
+                after[:len(self.stored_after_sit)] = self.stored_after_sit
+                self.stored_after_sit = after
 
     def _users(self, rows: np.ndarray) -> list[str]:
         return [str(u) for u in self.data.user_ids[self.data.user_index[rows]]]
@@ -191,6 +211,18 @@ class SourcePass:
         self.provider.write(self.data.ins_id[rows], self._users(rows), self.data.ts_ms[rows], e)
         self.stored[rows] = e
         self.written[rows] = True
+        if self.after_sit:
+            self.stored_after_sit[rows] = self.sit_outputs(rows)
+
+    @torch.no_grad()
+    def sit_outputs(self, rows: np.ndarray) -> np.ndarray:
+        """The SIT's output at each of ``rows`` over its user's InsEmbs in the provider strictly
+        before it (Eq. 8 form; current weights, eval mode)."""
+        self.model.eval()
+        hist, mask = self.provider.fetch(self._users(rows), self.data.ts_ms[rows], self.cfg.history_limit)
+        z, _ = streaming_sit(self.model, labelled_batch(self.data, rows, self.model.cfg),
+                             torch.from_numpy(hist), torch.from_numpy(mask))
+        return z.numpy()
 
     def step(self, batch: PassBatch) -> float:
         """Fetch (streaming), write, then train on ``batch``; returns its loss."""
@@ -234,13 +266,36 @@ class ProtocolResult:
     info: dict
 
 
-def downstream_insembs(source: SourcePass, rows_after: np.ndarray) -> np.ndarray:
-    """What the downstream model reads: the stored InsEmbs of the pass, and for ``rows_after``
-    (validation / test, after the training period) those of the final, frozen source model."""
+def pass_insembs(source: SourcePass, rows_after: np.ndarray) -> np.ndarray:
+    """The (pre-SIT) InsEmbs of the pass: those stored, and for ``rows_after`` (validation /
+    test, after the training period) those of the final, frozen source model."""
     e = source.stored.copy()
     if len(rows_after):
         e[rows_after] = source.embed(rows_after)
     return e
+
+
+@torch.no_grad()
+def downstream_insembs(source: SourcePass, rows_after: np.ndarray) -> np.ndarray:
+    """What the downstream model reads: ``pass_insembs``; in the "after_sit" ablation the SIT
+    outputs recorded during the pass, and for ``rows_after`` those of the final source model
+    over each row's user history of ``pass_insembs`` (strictly earlier, newest first)."""
+    e = pass_insembs(source, rows_after)
+    if not source.after_sit:
+        return e
+    data, model = source.data, source.model
+    z = source.stored_after_sit[:data.n].copy()
+    hist_index = data.history_index(source.cfg.history_limit)
+    model.eval()
+    for i in range(0, len(rows_after), 1024):
+        chunk = rows_after[i:i + 1024]
+        hist = hist_index[chunk]
+        mask = hist >= 0
+        hist_e = e[np.clip(hist, 0, None)] * mask[..., None]
+        out, _ = streaming_sit(model, labelled_batch(data, chunk, model.cfg),
+                               torch.from_numpy(hist_e), torch.from_numpy(mask))
+        z[chunk] = out.numpy()
+    return z
 
 
 def new_source(kind: str, data: PreparedData, cfg: ModelConfig) -> TemporalOrderSource:
@@ -284,12 +339,15 @@ def protocol_insembs(kind: str, data: PreparedData, mcfg: ModelConfig, pcfg: Pro
     """One pass (``run_pass``) and the InsEmbs the downstream model trains, validates and tests
     on (``downstream_insembs``)."""
     state, plan = run_pass(kind, data, mcfg, pcfg, seed, provider, on_train=on_train)
-    e_all = downstream_insembs(state, np.flatnonzero(data.split != 0))
+    after = np.flatnonzero(data.split != 0)
+    e_all = downstream_insembs(state, after)
     info = {"protocol": "time_ordered", "kind": kind, "batch_fraction": pcfg.batch_fraction,
             "batches": {k: sum(b.kind == k for b in plan) for k in ("batch", "stream")},
             "mean_loss_first_10": float(np.mean(state.losses[:10])) if state.losses else None,
             "mean_loss_last_10": float(np.mean(state.losses[-10:])) if state.losses else None,
-            **_val_metrics(state, e_all, pcfg.window)}
+            **_val_metrics(state, pass_insembs(state, after) if state.after_sit else e_all, pcfg.window)}
+    if state.after_sit:
+        info["insemb"] = pcfg.insemb
     return ProtocolResult(state.model, e_all, info)
 
 

@@ -86,16 +86,23 @@ class InMemoryHistoryProvider:
         return out, mask
 
 
-def streaming_forward(model: UserOrderSource, batch: dict, hist_e: torch.Tensor,
-                      hist_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 8 with a fetched history: positions stand in for time (current first, then
+def streaming_sit(model: UserOrderSource, batch: dict, hist_e: torch.Tensor,
+                  hist_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 8 with a fetched history: (the SIT output at the current instance z [B, d], its
+    fresh InsEmb e_current [B, d]). Positions stand in for time (current first, then
     newest-first history), so element k sees only elements older than it."""
     b, l = hist_mask.shape
     pseudo_ts = -torch.arange(l + 1, dtype=torch.int64).expand(b, -1)
     e_cur = model.embed(batch)
     seq = torch.cat([e_cur.unsqueeze(1), hist_e.detach()], dim=1)  # sg(E_hist)
     valid = torch.cat([torch.ones(b, 1, dtype=torch.bool), hist_mask], dim=1)
-    z = model.run_sit(seq, pseudo_ts, valid)[:, 0]
+    return model.run_sit(seq, pseudo_ts, valid)[:, 0], e_cur
+
+
+def streaming_forward(model: UserOrderSource, batch: dict, hist_e: torch.Tensor,
+                      hist_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 8 trained: (logits of the SIT output at the current instance, e_current)."""
+    z, e_cur = streaming_sit(model, batch, hist_e, hist_mask)
     return model.decode(z), e_cur
 
 
