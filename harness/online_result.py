@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--history-limit", type=int, default=63)
     p.add_argument("--window", type=int, default=2048)
-    p.add_argument("--lr", type=float, nargs="+", default=[2e-3],
-                   help="the online runs' learning rates (default 2e-3, the trainer's); --seeds runs of each")
+    p.add_argument("--lr", type=float, nargs="+", default=[3e-4],
+                   help="the online runs' learning rates (default 3e-4, the trainer's); --seeds runs of each")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True, help="folder for curves.json, the plot and table.md")
     args = p.parse_args(argv)

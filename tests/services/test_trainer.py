@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 BATCH = 64
 N_BATCHES = 8
 HISTORY_LIMIT = 31
+LR = 2e-3  # larger than the default: the published weights move well away from the start
 SEED = 3
 
 
@@ -61,7 +62,7 @@ def trainer_env(redis_url: str, model_dir: Path, trainer_dir: Path, **extra) -> 
     return {"REDIS_URL": redis_url, "IAT_MODEL_DIR": str(model_dir), "IAT_TRAINER_DIR": str(trainer_dir),
             "IAT_TRAINER_BATCH_SIZE": str(BATCH), "IAT_TRAINER_PUBLISH_EVERY": str(BATCH * N_BATCHES // 2),
             "IAT_TRAINER_PUBLISH_INTERVAL_S": "0", "IAT_TRAINER_FLUSH_S": "0", "IAT_TRAINER_SEED": str(SEED),
-            "IAT_TRAINER_HISTORY_LIMIT": str(HISTORY_LIMIT), "IAT_TORCH_THREADS": "1",
+            "IAT_TRAINER_HISTORY_LIMIT": str(HISTORY_LIMIT), "IAT_TRAINER_LR": str(LR), "IAT_TORCH_THREADS": "1",
             "IAT_RELOAD_INTERVAL_S": "0", "IAT_CONSUMER_NAME": "trainer-test", **extra}
 
 
@@ -89,7 +90,7 @@ def offline(model_dir: Path, start: dict, data, rows) -> OnlineLearner:
     torch.set_num_threads(1)
     source, _ = load_module(model_dir / "source" / start["source"])
     iat, _ = load_module(model_dir / "iat" / start["iat"])
-    pcfg = ProtocolConfig(batch_fraction=0.0, history_limit=HISTORY_LIMIT, batch_size=BATCH, lr=2e-3)
+    pcfg = ProtocolConfig(batch_fraction=0.0, history_limit=HISTORY_LIMIT, batch_size=BATCH, lr=LR)
     learner = OnlineLearner(source.source, iat.model, empty_like(data), pcfg, seed=SEED)
     return replay(learner, data, rows, BATCH)
 
