@@ -193,7 +193,7 @@ def test_every_service_healthy_and_the_jobs_done(stack):
             f"{ {n: (c['State'], c['Health']) for n, c in containers.items()} }\n{stack.logs()}")
         time.sleep(2)
     stack.phase("every health check passing (after up)", started)
-    healthchecked = {"redis", "source", "sequencer", "ranking", "prometheus"}
+    healthchecked = {"redis", "source", "sequencer", "ranking", "trainer", "prometheus"}
     assert {n for n, c in containers.items() if c["Health"] == "healthy"} == healthchecked
     for job in ONE_SHOT:
         assert containers[job]["State"] == "exited" and containers[job]["ExitCode"] == 0, containers[job]
@@ -205,7 +205,7 @@ def test_every_service_healthy_and_the_jobs_done(stack):
 def test_published_ports_listen_on_loopback_only(stack):
     published = [(name, p) for name, c in stack.containers().items() for p in c.get("Publishers") or []
                  if p.get("PublishedPort")]
-    assert {p["PublishedPort"] for _, p in published} == {50051, 8000, 8001, 8002, 9090, 8089}
+    assert {p["PublishedPort"] for _, p in published} == {50051, 8000, 8001, 8002, 8003, 9090, 8089}
     assert all(p["URL"] == "127.0.0.1" for _, p in published), published
 
 
@@ -261,7 +261,7 @@ def test_prometheus_scrapes_every_service(stack):
         with urllib.request.urlopen("http://127.0.0.1:9090/api/v1/targets", timeout=30) as response:
             targets = json.load(response)["data"]["activeTargets"]
         health = {t["labels"]["job"]: t["health"] for t in targets}
-        if set(health) == {"ranking", "source", "sequencer"} and set(health.values()) == {"up"}:
+        if set(health) == {"ranking", "source", "sequencer", "trainer"} and set(health.values()) == {"up"}:
             break
         assert time.monotonic() < deadline, f"Prometheus targets not all up: {targets}"
         time.sleep(2)
