@@ -141,6 +141,23 @@ def _fields(event, index: int) -> dict[str, str]:
     return out
 
 
+def _xadd_all(client, events: Sequence, key_of: Callable[[dict], str], pipe=None) -> list[str]:
+    """XADD every event (all validated first) to ``key_of(payload)``: on ``pipe`` when given
+    (queued only, ``[]`` returned: the caller executes it), else in one pipeline of its own,
+    returning the entry ids in input order."""
+    payloads = [_fields(event, i) for i, event in enumerate(events)]
+    if not payloads:
+        return []
+    own = pipe is None
+    if own:
+        pipe = client.pipeline(transaction=False)
+    for payload in payloads:
+        pipe.xadd(key_of(payload), payload)
+    if not own:
+        return []
+    return [_text(i) for i in pipe.execute()]
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -243,17 +260,7 @@ class InstanceStream:
         With ``pipe`` the XADDs are only queued on it (e.g. a MULTI/EXEC transaction that also
         writes the records) and ``[]`` is returned: the caller executes the pipeline.
         """
-        payloads = [_fields(event, i) for i, event in enumerate(events)]
-        if not payloads:
-            return []
-        own = pipe is None
-        if own:
-            pipe = self.client.pipeline(transaction=False)
-        for payload in payloads:
-            pipe.xadd(self.key, payload)
-        if not own:
-            return []
-        return [_text(i) for i in pipe.execute()]
+        return _xadd_all(self.client, events, lambda payload: self.key, pipe)
 
     def check_backlog(self) -> int:
         """The stream's length; raises :class:`StreamBacklogFull` once it reaches ``max_backlog``.
@@ -485,17 +492,8 @@ class PartitionedStream:
         With ``pipe`` the XADDs are only queued on it (one MULTI/EXEC on one server holds every
         partition's) and ``[]`` is returned: the caller executes the pipeline.
         """
-        payloads = [_fields(event, i) for i, event in enumerate(events)]
-        if not payloads:
-            return []
-        own = pipe is None
-        if own:
-            pipe = self.client.pipeline(transaction=False)
-        for payload in payloads:
-            pipe.xadd(self.partitions[self.partition_of(payload["user_id"])].key, payload)
-        if not own:
-            return []
-        return [_text(i) for i in pipe.execute()]
+        return _xadd_all(self.client, events,
+                         lambda payload: self.partitions[self.partition_of(payload["user_id"])].key, pipe)
 
     def lengths(self, partitions: Iterable[int] | None = None) -> dict[int, int]:
         """Entries per partition (all, or those named), in one pipeline."""

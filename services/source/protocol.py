@@ -26,6 +26,14 @@ from models.runtime.featurizer import FeatureError, Featurizer
 from services.wire_types import Id, TimeMs
 
 
+def binary_labels(labels: dict[str, int]) -> dict[str, int]:
+    """The check both instances and label updates make: every label is 0 or 1."""
+    for task, value in labels.items():
+        if value not in (0, 1):
+            raise ValueError(f"labels[{task}] must be 0 or 1, got {value}")
+    return labels
+
+
 class InstanceFeatures(BaseModel):
     model_config = ConfigDict(extra="forbid")
     categorical: dict[str, str] = Field(default_factory=dict)
@@ -52,10 +60,7 @@ class Instance(BaseModel):
     @field_validator("labels")
     @classmethod
     def _binary(cls, labels: dict[str, int]) -> dict[str, int]:
-        for task, value in labels.items():
-            if value not in (0, 1):
-                raise ValueError(f"labels[{task}] must be 0 or 1, got {value}")
-        return labels
+        return binary_labels(labels)
 
 
 class IngestRequest(BaseModel):
@@ -150,10 +155,7 @@ class LabelUpdateItem(BaseModel):
     @field_validator("labels")
     @classmethod
     def _binary(cls, labels: dict[str, int]) -> dict[str, int]:
-        for task, value in labels.items():
-            if value not in (0, 1):
-                raise ValueError(f"labels[{task}] must be 0 or 1, got {value}")
-        return labels
+        return binary_labels(labels)
 
 
 class LabelsRequest(BaseModel):
