@@ -152,6 +152,23 @@ def _inputs(model, n: int, c: int, rng: np.random.Generator):
     return history, t_req, cat, multi, num
 
 
+def _naive_model(version):
+    """The naive peer's model (``harness.naive.IATNaive``: the history re-encoded for every
+    candidate) on the same weights, eager, to count its FLOPs beside the served model's."""
+    import json
+
+    import torch
+
+    from harness.naive import IATNaive
+    from models.runtime.loader import load_ranking_model
+
+    model = load_ranking_model(version, "eager", "cpu")
+    naive = IATNaive(json.loads((version / "config.json").read_text())).eval()
+    naive.load_state_dict(torch.load(version / "weights.pt", weights_only=True))
+    model._runner, model._split = naive, None
+    return model
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -167,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     eager = load_ranking_model(version, "eager", "cpu")
     served = load_ranking_model(version, args.runtime, "cpu")
+    naive = _naive_model(version)
     n = min(args.history, eager.max_history)
     rng = np.random.default_rng(0)
     cands = [int(c) for c in args.candidates.split(",") if c.strip()]
@@ -181,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
             with FlopCounterMode(display=False) as counter:
                 eager.score(*inputs)
             flops = counter.get_total_flops()
+            with FlopCounterMode(display=False) as counter:
+                naive.score(*inputs)
+            naive_flops = counter.get_total_flops()
             gemms = record_gemms(lambda: eager.score(*inputs))
             for key in gemms:
                 if key not in gemm_times:
@@ -199,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
                 walls.append(time.perf_counter() - w)
             forward = float(np.median(times))
             floor = flops / attainable
-            rows.append({"candidates": c, "history": n, "flops": int(flops), "gemm_flops": int(gemm_flops),
+            rows.append({"candidates": c, "history": n, "flops": int(flops), "naive_flops": int(naive_flops),
+                         "naive_over_shared_flops": naive_flops / flops, "gemm_flops": int(gemm_flops),
                          "gemm_calls": int(sum(gemms.values())), "gemm_shapes": len(gemms),
                          "gemm_seconds_ms": 1e3 * gemm_seconds, "attainable_gflops": attainable / 1e9,
                          "floor_ms": 1e3 * floor, "forward_p50_ms": 1e3 * forward, "forward_reps": len(times),
@@ -232,14 +254,17 @@ def markdown(result: dict) -> str:
              "`torch.utils.flop_counter.FlopCounterMode` (eager forward); attainable = the forward's own GEMM "
              "shapes timed alone.", "",
              "| C | L | MFLOP (counter) | GEMM MFLOP (recorded shapes) | GEMM calls (shapes) | attainable GFLOP/s | "
-             "floor ms = FLOPs / attainable | forward p50 ms | forward wall p50 ms | forward / floor | forward GFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "floor ms = FLOPs / attainable | forward p50 ms | forward wall p50 ms | forward / floor | forward GFLOP/s | "
+             "naive peer MFLOP | naive / served FLOPs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['candidates']} | {r['history']} | {r['flops'] / 1e6:.1f} | {r['gemm_flops'] / 1e6:.1f} | "
                      f"{r['gemm_calls']} ({r['gemm_shapes']}) | "
                      f"{r['attainable_gflops']:.1f} | {r['floor_ms']:.2f} | {r['forward_p50_ms']:.2f} | "
                      f"{r.get('forward_wall_p50_ms', float('nan')):.2f} | "
-                     f"{r['forward_over_floor']:.2f}x | {r['forward_gflops']:.1f} |")
+                     f"{r['forward_over_floor']:.2f}x | {r['forward_gflops']:.1f} | "
+                     + (f"{r['naive_flops'] / 1e6:.1f} | {r['naive_over_shared_flops']:.1f}x |"
+                        if "naive_flops" in r else "- | - |"))
     split, peak = result.get("flop_split"), result["peak_gemm"]
     lines.append("")
     if split:
