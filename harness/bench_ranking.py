@@ -5,10 +5,12 @@
 For each (candidates C, history n) cell the following are timed round-robin in one run, so that a
 noisy neighbour hits all of them alike:
   fetch    the fused history read alone (``AsyncInstanceStore.read_history``, one round trip)
-  assemble the gRPC message to validated arrays as the service does it (``query_from_proto``,
+  assemble the request's bytes as gRPC hands them over to validated arrays, as the service
+           does it (``ScoreRequestWire`` parse: candidates left as bytes, ``query_from_proto``,
            header checks, cached item rows, ``Featurizer.assemble``)
-  assemble:previous  the same the way it was done before (``harness.previous``: dicts and
-           checks per candidate, encoding per field and candidate); equal arrays
+  assemble:previous  the same the way it was done before (a full ``ScoreRequest`` parse, then
+           ``harness.previous``: dicts and checks per candidate, encoding per field and
+           candidate); equal arrays
   model    the model forward alone (``RankingModel.score`` on ready arrays)
   model:previous  the same with the previous formulation (``harness.naive.IATPerCandidate``)
   inproc   ``RankingServing.score`` in this process (fetch -> assemble -> model, what both routers
@@ -467,12 +469,15 @@ def seed_histories(model_dir: Path, redis_url: str, histories: list[int], settin
 async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWorkload, server) -> dict:
     import grpc
     import httpx
-    from iat.ranking.v1 import ranking_pb2_grpc
+    from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
     from harness.previous import previous_assemble
     from services.ranking.main import build_serving
     from services.ranking.protocol import query_from_proto, validate_header
     from services.ranking.serving import RankingServing
+    from services.ranking.wire import ScoreRequestWire
+
+    ScoreRequest = ranking_pb2.ScoreRequest
 
     settings = Settings(redis_url=redis_url, model_dir=model_dir, runtime=args.runtime, reload_interval_s=0)
     cands, hists = _ints(args.candidates, "candidates"), _ints(args.history, "history")
@@ -505,13 +510,16 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
             inputs = fetched
             max_candidates = settings.max_candidates
 
+            wire_bytes = message.SerializeToString()
+
             def served_assemble():
-                q = query_from_proto(message)
+                q = query_from_proto(ScoreRequestWire.FromString(wire_bytes))
                 validate_header(q, max_candidates=max_candidates)
                 return serving._featurize(model, q)
 
             cat, multi, num = served_assemble()
-            for got, ref in zip((cat, multi, num), previous_assemble(model.featurizer, message, max_candidates)):
+            for got, ref in zip((cat, multi, num), previous_assemble(model.featurizer, ScoreRequest.FromString(wire_bytes),
+                                                                     max_candidates)):
                 assert got.dtype == ref.dtype and np.array_equal(got, ref), "assemble differs from the previous way"
 
             async def fetch():
@@ -521,7 +529,7 @@ async def _measure(args, model_dir: Path, redis_url: str, workload: MovieLensWor
                 served_assemble()
 
             async def assemble_previous():
-                previous_assemble(model.featurizer, message, max_candidates)
+                previous_assemble(model.featurizer, ScoreRequest.FromString(wire_bytes), max_candidates)
 
             async def forward():
                 model.score(inputs, REQUEST_TIME_MS, cat, multi, num)

@@ -17,6 +17,7 @@ from iat.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from services import metrics
 from services.ranking.errors import ScoreError
 from services.ranking.protocol import query_from_proto, result_to_proto
+from services.ranking.wire import ScoreRequestWire
 from services.security import BearerTokenInterceptor
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,21 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             metrics.SCORE_LATENCY.labels("grpc", status).observe(time.perf_counter() - start)
 
 
+def add_ranking_servicer(servicer: RankingServicer, server: grpc.aio.Server) -> None:
+    """``ranking_pb2_grpc.add_RankingServiceServicer_to_server`` with one difference: Score's
+    request is read as a ScoreRequestWire (services/ranking/wire.py: the same message, its
+    candidates left as wire bytes), so no Python runs per candidate before the item cache."""
+    handlers = {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score,
+            request_deserializer=ScoreRequestWire.FromString,
+            response_serializer=ranking_pb2.ScoreResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 async def start_grpc_server(serving, host: str, port: int, reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
     """Start the aio server; return it and the bound port (port 0 picks a free one).
 
@@ -66,7 +82,7 @@ async def start_grpc_server(serving, host: str, port: int, reuse_port: bool = Fa
             ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
-    ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(serving), server)
+    add_ranking_servicer(RankingServicer(serving), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
 from contract.validation import InvalidField, check_features, check_id, check_time_ms
 from services.ranking.errors import InvalidRequest, TooManyCandidates
+from services.ranking.wire import MalformedCandidate, ScoreRequestWire, parse_candidate
 from services.wire_types import TimeMs
 
 
@@ -108,22 +109,55 @@ class ScoreResponseModel(BaseModel):
 
 
 # --- conversions ---------------------------------------------------------------------
-def _query(msg, keys: list) -> ScoreQuery:
-    """From a proto ScoreRequest or its pydantic twin: both expose the same attribute names."""
+def _query(msg, keys: list, candidates: Sequence | None = None) -> ScoreQuery:
+    """From a proto ScoreRequest (or ScoreRequestWire) or its pydantic twin: they expose the
+    same attribute names."""
     return ScoreQuery(
         request_id=msg.request_id,
         user_id=msg.user_id,
         request_time_ms=msg.request_time_ms,
         model=msg.model,
         context=FeatureValues(dict(msg.context.categorical), dict(msg.context.numeric)),
-        candidates=msg.candidates,
+        candidates=msg.candidates if candidates is None else candidates,
         candidate_keys=keys,
     )
 
 
-def query_from_proto(msg: ranking_pb2.ScoreRequest) -> ScoreQuery:
-    # A candidate's wire bytes are its content key: serialized in C, one call per candidate.
-    # (Maps may serialize in another order for equal content: a cache miss, never a wrong hit.)
+class WireCandidates(Sequence):
+    """A request's candidates as their wire bytes, parsed into messages only when asked for
+    (the reference validator and the error path); a malformed one is named there."""
+
+    __slots__ = ("_raw", "_parsed")
+
+    def __init__(self, raw: list[bytes]) -> None:
+        self._raw, self._parsed = raw, None
+
+    def _messages(self) -> list:
+        if self._parsed is None:
+            parsed = []
+            for i, raw in enumerate(self._raw):
+                try:
+                    parsed.append(parse_candidate(raw))
+                except MalformedCandidate as err:
+                    raise InvalidRequest(str(err), f"candidates[{i}]") from None
+            self._parsed = parsed
+        return self._parsed
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __getitem__(self, i):
+        return self._messages()[i]
+
+
+def query_from_proto(msg: ranking_pb2.ScoreRequest | ScoreRequestWire) -> ScoreQuery:
+    # A candidate's wire bytes are its content key. The gRPC router hands over a
+    # ScoreRequestWire, whose candidates are those bytes already (no Python per candidate);
+    # a parsed ScoreRequest is serialized back, one C call per candidate. (Maps may serialize
+    # in another order for equal content: a cache miss, never a wrong hit.)
+    if isinstance(msg, ScoreRequestWire):
+        keys = list(msg.candidates)
+        return _query(msg, keys, WireCandidates(keys))
     return _query(msg, list(map(_SERIALIZE_CANDIDATE, msg.candidates)))
 
 
@@ -134,13 +168,15 @@ def query_from_model(req: ScoreRequestModel) -> ScoreQuery:
 
 
 _SERIALIZE_CANDIDATE = ranking_pb2.Candidate.SerializeToString
-_PARSE_CANDIDATE = ranking_pb2.Candidate.FromString
 
 
 def candidate_from_key(key) -> tuple[str, dict[str, str], dict[str, float]]:
     """(item_id, categorical, numeric) of a ``candidate_keys`` entry (on an item-cache miss)."""
     if isinstance(key, bytes):
-        c = _PARSE_CANDIDATE(key)
+        try:
+            c = parse_candidate(key)
+        except MalformedCandidate as err:  # named by index on the error path (WireCandidates)
+            raise InvalidField(str(err), "candidates") from None
         return c.item_id, dict(c.features.categorical), dict(c.features.numeric)
     item_id, categorical, numeric = key
     return item_id, dict(categorical), dict(numeric)

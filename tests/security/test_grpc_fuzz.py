@@ -31,7 +31,10 @@ def stub(movielens_models, redis_server, start_module_service):
                          env={"REDIS_URL": redis_server, "IAT_MODEL_DIR": str(movielens_models.model_dir),
                               "IAT_RELOAD_INTERVAL_S": "0", "IAT_MAX_CANDIDATES": str(MAX_CANDIDATES)})
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield ranking_pb2_grpc.RankingServiceStub(channel)
+    stub = ranking_pb2_grpc.RankingServiceStub(channel)
+    # the same method with bytes in and out, to send what no generated client would
+    stub.raw_score = channel.unary_unary("/iat.ranking.v1.RankingService/Score")
+    yield stub
     channel.close()
 
 
@@ -111,3 +114,20 @@ def test_empty_candidate_list_and_missing_model_are_answered(stub):
     request.ClearField("model")  # the default model
     code, reply, _ = _score(stub, request)
     assert code == grpc.StatusCode.OK and list(reply.scores) == []
+
+
+@pytest.mark.parametrize("candidate_bytes", [
+    b"\xff\xff\xff",            # not a message
+    b"\x0a\x02\xc3\x28",        # item_id with invalid UTF-8 (proto3 strings must be UTF-8)
+])
+def test_a_malformed_candidate_is_named_and_the_valid_request_still_scores(stub, candidate_bytes):
+    """The router reads candidates as wire bytes (services/ranking/wire.py) and parses one
+    only on an item-cache miss: one that is not a Candidate gets INVALID_ARGUMENT naming it."""
+    valid = _valid(3).SerializeToString()
+    bad = valid + b"\x2a" + bytes([len(candidate_bytes)]) + candidate_bytes  # a 4th candidate, field 5
+    with pytest.raises(grpc.RpcError) as err:
+        stub.raw_score(bad, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert err.value.details().startswith("candidates[3]"), err.value.details()
+    reply = ranking_pb2.ScoreResponse.FromString(stub.raw_score(valid, timeout=30))
+    assert len(reply.scores) == 3 * len(reply.tasks) > 0

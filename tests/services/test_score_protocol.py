@@ -86,3 +86,26 @@ def test_result_keeps_row_major_candidate_order():
     msg = result_to_proto(res)
     assert list(msg.scores) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     assert result_to_model(res).scores == pytest.approx(list(msg.scores))
+
+
+def test_the_wire_view_gives_the_same_query_without_parsing_candidates():
+    """The gRPC router reads ScoreRequestWire: the same query, each candidate's key its bytes."""
+    from services.ranking.wire import ScoreRequestWire
+
+    message = _proto()
+    wire = ScoreRequestWire.FromString(message.SerializeToString())
+    a, b = query_from_proto(wire), query_from_proto(message)
+    assert a.candidate_keys == [c.SerializeToString() for c in message.candidates] == b.candidate_keys
+    assert a == b and a.item_ids == ["7", "9"]
+    validate_query(a, max_candidates=10)
+
+
+def test_a_malformed_candidate_on_the_wire_is_named():
+    from services.ranking.wire import ScoreRequestWire
+
+    raw = _proto().SerializeToString() + b"\x2a\x03\xff\xff\xff"  # field 5, 3 bytes that are no Candidate
+    query = query_from_proto(ScoreRequestWire.FromString(raw))
+    assert query.num_candidates == 3
+    with pytest.raises(InvalidRequest) as err:
+        validate_query(query, max_candidates=10)
+    assert err.value.field == "candidates[2]"
