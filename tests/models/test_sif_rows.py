@@ -55,3 +55,19 @@ def test_each_sif_row_runs_and_reports_compression_and_health(data):
     errors = [lvl["relative_error"] for lvl in levels]
     assert errors[0] > errors[1] > errors[2]
     assert all(lvl["perplexity"] >= 1 for lvl in levels)
+
+
+def test_the_equal_budget_row_gets_the_iat_rows_history_rows_and_epochs(data):
+    """`sif_equal_budget` (issue 13): history L = the downstream L, every training row, the
+    experiment's epochs; the default `sif` row is capped below all three."""
+    cfg = ExperimentConfig.quick()
+    cfg.train.progress = False
+    cfg.train.epochs = 3
+    cfg.train.patience = 3
+    cfg.model.history_len = 16
+    equal = ROWS["sif_equal_budget"].fn(data, 0, cfg).extra
+    assert equal["history_len"] == cfg.model.history_len
+    assert equal["train_rows_per_epoch"] == len(data.split_indices(0))
+    assert len(equal["train"]["epochs"]) == 3
+    default = ROWS["sif"].fn(data, 0, cfg).extra
+    assert default["history_len"] < cfg.model.history_len and len(default["train"]["epochs"]) <= 2
