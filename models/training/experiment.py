@@ -175,7 +175,11 @@ COMPARISONS = (
     ("user_iat", "temporal_iat", "user-order vs temporal-order source"),
     ("temporal_iat", "user_iat_zero_insemb", "what temporal-order InsEmbs add"),
     ("user_iat", "base", "IAT vs the base model, both given past labels"),
+    ("temporal_iat", "base", "temporal-order IAT vs the base model, both given past labels"),
     ("sif", "base", "SIF vs the base model"),
+    ("sif_equal_budget", "base", "SIF on the IAT rows' budget vs the base model"),
+    ("sif_equal_budget", "sif", "what the IAT rows' budget gives SIF"),
+    ("user_iat", "sif_equal_budget", "IAT vs SIF on the same budget"),
     ("user_iat", "user_iat_full_attention", "shared-history vs full attention"),
     ("base", "base_item_ids_only", "what past labels add to the base model's sequence"),
     ("user_iat_two_pass", "user_iat", "two-pass (App. A.3) vs one-pass user-order InsEmbs"),
@@ -399,7 +403,7 @@ def results_table(results: dict) -> str:
                       f"{'comparison':<48}" + "".join(f" {b:>24}" for b in labels)]
             for c in with_buckets:
                 cells = [f"{_fmt(c['auc_by_history'][b]['mean'])} {_fmt_ci(c['auc_by_history'][b]['ci'])}"
-                         for b in labels]
+                         if c['auc_by_history'][b]['n'] else "- (no test instances)" for b in labels]
                 lines.append(f"{c['name']:<48}" + "".join(f" {x:>24}" for x in cells))
     return "\n".join(lines)
 
