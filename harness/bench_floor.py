@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
 def markdown(result: dict) -> str:
     m = result["model"]
-    lines = [machine_markdown(result["machine"]), "",
+    lines = ([machine_markdown(result["machine"]), ""] if result.get("machine") else []) + [
              f"Model `iat` {m['version']} (L = {m['max_history']}), forward in {m['runtime']}, "
              f"{result['threads']} torch thread(s) for the forward and the GEMMs, both timed in "
              f"{result.get('clock', 'wall time')} (forward wall p50 beside it). FLOPs by "

@@ -36,10 +36,15 @@ def create_app(model_dir: Path, redis_url: str):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model._runner = torch.jit.trace(naive, example_inputs(naive), check_trace=False)
+    # The whole forward every call: without this the loaded model's user/candidate halves (the
+    # served formulation) would answer and the peer would not be naive at all.
+    model._split = None
+    assert not model.reuses_user_state
     model.runtime = "torchscript-naive"
     settings = Settings(redis_url=redis_url)
     store = instance_store(connect(redis_url), settings, ModelRegistry(model_dir).record_layout(model))
     app = FastAPI(title="naive IAT peer")
+    app.state.model = model
 
     @app.get("/healthz")
     def healthz() -> dict:

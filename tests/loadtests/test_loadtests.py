@@ -236,3 +236,14 @@ def test_history_cache_figures_read_the_rate_and_p50_by_outcome():
     assert figures["hit_requests"] == 30 and figures["miss_requests"] == 10
     assert 12.9 / 1.25 <= figures["hit_p50_ms"] <= 12.9 * 1.25
     assert 44.5 / 1.25 <= figures["miss_p50_ms"] <= 44.5 * 1.25
+
+
+def test_the_naive_peer_runs_its_whole_forward(movielens_models, redis_server, tmp_path):
+    """The naive peer re-encodes the history per candidate: its model must not take the served
+    model's user/candidate halves (it did, silently, once those existed)."""
+    from harness.bench_ranking import build_bench_models
+    from harness.peers.naive_server import create_app
+
+    app = create_app(build_bench_models(movielens_models.model_dir, tmp_path / "models", history_len=64), redis_server)
+    model = app.state.model
+    assert model.runtime == "torchscript-naive" and not model.reuses_user_state
