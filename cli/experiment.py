@@ -60,7 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(earliest by time) trained in batch form, the rest streams (default 0.5)")
     parser.add_argument("--source-batch-size", type=int, default=None,
                         help="instances per optimiser step of the source models' pass (default: the "
-                             "training batch size; smaller gives the single pass more steps)")
+                             "training batch size; quick: 256; smaller gives the single pass more steps)")
+    parser.add_argument("--source-lr", type=float, default=None,
+                        help="learning rate of the source models' pass (default: the training rate; quick: 1e-3)")
+    parser.add_argument("--source-warmup-steps", type=int, default=None,
+                        help="linear learning-rate warm-up of the source pass, in steps (default 50; the "
+                             "user-order SIT does not train without one)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     parser.add_argument("--workers", type=int, default=2,
                         help="seeds trained in parallel processes (default 2: one per core)")
@@ -120,6 +125,12 @@ def run(args: argparse.Namespace) -> int:
     if args.source_batch_size is not None and args.source_batch_size < 1:
         print("iat experiment: --source-batch-size must be >= 1", file=sys.stderr)
         return 2
+    if args.source_lr is not None and not args.source_lr > 0:
+        print("iat experiment: --source-lr must be > 0", file=sys.stderr)
+        return 2
+    if args.source_warmup_steps is not None and args.source_warmup_steps < 0:
+        print("iat experiment: --source-warmup-steps must be >= 0", file=sys.stderr)
+        return 2
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     unknown = [r for r in rows or [] if r not in ROWS]
     if unknown:
@@ -144,7 +155,12 @@ def run(args: argparse.Namespace) -> int:
         cfg.train.epochs = args.epochs
     if args.batch_fraction is not None:
         cfg.batch_fraction = args.batch_fraction
-    cfg.source_batch_size = args.source_batch_size
+    if args.source_batch_size is not None:
+        cfg.source_batch_size = args.source_batch_size
+    if args.source_lr is not None:
+        cfg.source_lr = args.source_lr
+    if args.source_warmup_steps is not None:
+        cfg.source_warmup_steps = args.source_warmup_steps
     cfg.threads = args.threads
     cfg.workers = args.workers
     cfg.train.progress = not args.no_progress

@@ -67,12 +67,19 @@ class ProtocolConfig:
     batch_size: int = 512        # instances per optimiser step, both phases
     lr: float = 2e-3
     insemb: str = "before_sit"   # what the downstream reads: "before_sit" (paper) or "after_sit"
+    # Steps over which the learning rate rises linearly to ``lr``. Without it the user-order
+    # source's SIT collapses at the experiments' rates (2e-3, 3e-3): within a few Adam steps
+    # its LayerNorms squash every InsEmb to one direction and the loss stays at ln 2 for the
+    # whole pass (measured on the synthetic positive control, models/RESULTS.md).
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.batch_fraction <= 1.0:
             raise ValueError(f"batch_fraction: must lie in [0, 1], got {self.batch_fraction}")
         if self.insemb not in ("before_sit", "after_sit"):
             raise ValueError(f"insemb: must be 'before_sit' or 'after_sit', got {self.insemb!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         for name in ("window", "history_limit", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -253,6 +260,9 @@ class SourcePass:
     def _step_loss(self, loss: torch.Tensor) -> float:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.cfg.warmup_steps:  # the step count is len(losses), which checkpoints keep
+            for group in self.opt.param_groups:
+                group["lr"] = self.cfg.lr * min(1.0, (len(self.losses) + 1) / self.cfg.warmup_steps)
         self.opt.step()
         self.model.eval()
         self.losses.append(float(loss.detach()))

@@ -185,6 +185,12 @@ def test_quick_help_matches_the_quick_config(capsys):
     from cli.experiment import DEFAULT_SEEDS, QUICK_SEEDS
     assert re.search(rf"{QUICK_SEEDS} seed unless --seeds", quick)
     assert DEFAULT_SEEDS >= 5
+    source_batch = re.search(r"--source-batch-size SOURCE_BATCH_SIZE (.*?) --source-lr", text).group(1)
+    assert f"quick: {q.source_batch_size};" in source_batch
+    source_lr = re.search(r"--source-lr SOURCE_LR (.*?) --source-warmup", text).group(1)
+    assert float(re.search(r"quick: ([0-9.e-]+)\)", source_lr).group(1)) == q.source_lr
+    warmup = re.search(r"--source-warmup-steps SOURCE_WARMUP_STEPS (.*?) --threads", text).group(1)
+    assert f"default {ExperimentConfig().source_warmup_steps};" in warmup
 
 
 def test_comparisons_by_history_length_cover_the_test_split(data):
