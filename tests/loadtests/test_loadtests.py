@@ -247,3 +247,22 @@ def test_the_naive_peer_runs_its_whole_forward(movielens_models, redis_server, t
     app = create_app(build_bench_models(movielens_models.model_dir, tmp_path / "models", history_len=64), redis_server)
     model = app.state.model
     assert model.runtime == "torchscript-naive" and not model.reuses_user_state
+
+
+def test_bench_floor_writes_flops_floor_and_per_round_ratios(movielens_models, tmp_path):
+    """`iat bench floor` (run by `make bench`): FLOPs of the served and the naive model, the
+    attainable GEMM rate, and forward / floor as the median of its rounds."""
+    from harness.bench_ranking import build_bench_models
+
+    models = build_bench_models(movielens_models.model_dir, tmp_path / "models", history_len=64)
+    out = tmp_path / "floor.json"
+    cmd = IAT + ["bench", "floor", "--model-dir", str(models), "--candidates", "3,9", "--history", "20",
+                 "--budget", "0.05", "--gemm-budget", "0.02", "--rounds", "3", "--json", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["candidates"] for r in rows] == [3, 9]
+    for r in rows:
+        assert r["naive_flops"] > r["flops"] > 0 and r["attainable_gflops"] > 0
+        assert len(r["forward_over_floor_rounds"]) == 3
+        assert r["forward_over_floor"] == sorted(r["forward_over_floor_rounds"])[1]
