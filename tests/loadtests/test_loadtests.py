@@ -238,6 +238,7 @@ def test_history_cache_figures_read_the_rate_and_p50_by_outcome():
     assert 44.5 / 1.25 <= figures["miss_p50_ms"] <= 44.5 * 1.25
 
 
+@pytest.mark.slow  # a benchmark harness end to end (make test runs it)
 def test_the_naive_peer_runs_its_whole_forward(movielens_models, redis_server, tmp_path):
     """The naive peer re-encodes the history per candidate: its model must not take the served
     model's user/candidate halves (it did, silently, once those existed)."""
@@ -249,6 +250,7 @@ def test_the_naive_peer_runs_its_whole_forward(movielens_models, redis_server, t
     assert model.runtime == "torchscript-naive" and not model.reuses_user_state
 
 
+@pytest.mark.slow  # a benchmark harness end to end (make test runs it)
 def test_bench_floor_writes_flops_floor_and_per_round_ratios(movielens_models, tmp_path):
     """`iat bench floor` (run by `make bench`): FLOPs of the served and the naive model, the
     attainable GEMM rate, and forward / floor as the median of its rounds."""

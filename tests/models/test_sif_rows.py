@@ -57,6 +57,7 @@ def test_each_sif_row_runs_and_reports_compression_and_health(data):
     assert all(lvl["perplexity"] >= 1 for lvl in levels)
 
 
+@pytest.mark.slow  # trains two SIF rows
 def test_the_equal_budget_row_gets_the_iat_rows_history_rows_and_epochs(data):
     """`sif_equal_budget` (issue 13): history L = the downstream L, every training row, the
     experiment's epochs; the default `sif` row is capped below all three."""
