@@ -155,28 +155,12 @@ def _inputs(model, n: int, c: int, rng: np.random.Generator):
     return history, t_req, cat, multi, num
 
 
-def _naive_model(version):
-    """The naive peer's model (``harness.naive.IATNaive``: the history re-encoded for every
-    candidate) on the same weights, eager, to count its FLOPs beside the served model's."""
-    import json
-
-    import torch
-
-    from harness.naive import IATNaive
-    from models.runtime.loader import load_ranking_model
-
-    model = load_ranking_model(version, "eager", "cpu")
-    naive = IATNaive(json.loads((version / "config.json").read_text())).eval()
-    naive.load_state_dict(torch.load(version / "weights.pt", weights_only=True))
-    model._runner, model._split = naive, None
-    return model
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from harness.bench_ranking import build_bench_models, default_quick_models
+    from harness.naive import naive_ranking_model
     from models.runtime.loader import latest_version, load_ranking_model
 
     torch.set_num_threads(args.threads)
@@ -187,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     eager = load_ranking_model(version, "eager", "cpu")
     served = load_ranking_model(version, args.runtime, "cpu")
-    naive = _naive_model(version)
+    naive = naive_ranking_model(version)
     n = min(args.history, eager.max_history)
     rng = np.random.default_rng(0)
     cands = [int(c) for c in args.candidates.split(",") if c.strip()]
@@ -229,8 +213,8 @@ def run(args: argparse.Namespace) -> int:
                 ratios.append(float(np.median(round_times)) / floor_s)
             forward = float(np.median(times))
             floor = float(np.median(floors))
-            gemm_seconds = flops / floor * gemm_flops / flops if floor else float("nan")
             attainable = flops / floor
+            gemm_seconds = gemm_flops / attainable
             rows.append({"candidates": c, "history": n, "flops": int(flops), "naive_flops": int(naive_flops),
                          "naive_over_shared_flops": naive_flops / flops, "gemm_flops": int(gemm_flops),
                          "gemm_calls": int(sum(gemms.values())), "gemm_shapes": len(gemms),

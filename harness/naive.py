@@ -48,3 +48,26 @@ class IATPerCandidate(IATRanking):
                                memory.mask.expand(c, -1))
         batch = per_candidate_batch(self, hist_items, hist_labels, hist_mask, cat, multi, num)
         return torch.sigmoid(self.model.score(copied, batch))
+
+
+def naive_ranking_model(version, trace: bool = False):
+    """The served model's artifact ``version`` loaded as a ``RankingModel`` that answers with
+    ``IATNaive`` on the same weights, its whole forward every call (never the loaded model's
+    user/candidate halves, which would make it the shared model again); TorchScript with
+    ``trace``, else eager. Used by the naive peer and by ``iat bench floor``."""
+    import json
+    import warnings
+
+    from models.export import example_inputs
+    from models.runtime.loader import load_ranking_model
+
+    model = load_ranking_model(version, "eager", "cpu")
+    naive = IATNaive(json.loads((version / "config.json").read_text())).eval()
+    naive.load_state_dict(torch.load(version / "weights.pt", weights_only=True))
+    if trace:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            naive = torch.jit.trace(naive, example_inputs(naive), check_trace=False)
+    model._runner, model._split = naive, None
+    assert not model.reuses_user_state
+    return model

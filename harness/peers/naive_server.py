@@ -10,36 +10,22 @@ the model's shape of work and the framework around it.
 """
 
 import argparse
-import json
 import sys
-import warnings
 from pathlib import Path
 
 
 def create_app(model_dir: Path, redis_url: str):
-    import torch
     from fastapi import FastAPI
 
-    from harness.naive import IATNaive
-    from models.export import example_inputs
-    from models.runtime.loader import latest_version, load_ranking_model
+    from harness.naive import naive_ranking_model
+    from models.runtime.loader import latest_version
     from services.config import Settings
     from services.ranking.protocol import ScoreRequestModel
     from services.ranking.registry import ModelRegistry
     from services.stores import instance_store
     from storage.connection import connect
 
-    version = latest_version(model_dir, "iat")
-    model = load_ranking_model(version, "eager", "cpu")
-    naive = IATNaive(json.loads((version / "config.json").read_text())).eval()
-    naive.load_state_dict(torch.load(version / "weights.pt", weights_only=True))
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model._runner = torch.jit.trace(naive, example_inputs(naive), check_trace=False)
-    # The whole forward every call: without this the loaded model's user/candidate halves (the
-    # served formulation) would answer and the peer would not be naive at all.
-    model._split = None
-    assert not model.reuses_user_state
+    model = naive_ranking_model(latest_version(model_dir, "iat"), trace=True)
     model.runtime = "torchscript-naive"
     settings = Settings(redis_url=redis_url)
     store = instance_store(connect(redis_url), settings, ModelRegistry(model_dir).record_layout(model))
