@@ -30,6 +30,7 @@ from harness.bench_ranking import (
     seed_histories,
     to_proto,
 )
+from services.allocator import keep_freed_memory
 from services.config import Settings
 
 
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from storage.connection import EmbeddedRedis
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory(Settings().malloc_keep_mb)  # as the ranking service does
     args.data_dir = default_data_dir()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = args.model_dir or build_bench_models(args.quick_models or default_quick_models(), args.work_dir / "models")

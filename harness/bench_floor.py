@@ -29,6 +29,8 @@ import numpy as np
 
 from harness.machine import MachineSampler, machine_markdown
 from harness.reporting import command_line, emit
+from services.allocator import keep_freed_memory
+from services.config import Settings
 
 GEMMS = {"mm", "addmm", "bmm", "baddbmm"}
 
@@ -141,7 +143,9 @@ def time_gemm(op: str, shape: tuple[int, ...], budget_s: float, clock=time.perf_
     return float(np.median(times))
 
 
-def _inputs(model, n: int, c: int, rng: np.random.Generator):
+def random_request(model, n: int, c: int, rng: np.random.Generator):
+    """A history of n random InsEmbs and c random candidates in the model's schema: the
+    arguments of ``RankingModel.score``."""
     from contract.history import History
 
     spec, t_req = model.feature_spec, 1_700_000_000_000
@@ -164,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
     from models.runtime.loader import latest_version, load_ranking_model
 
     torch.set_num_threads(args.threads)
+    keep = Settings().malloc_keep_mb
+    keep_freed_memory(keep)  # the forward runs as in the services (services/allocator.py)
     model_dir = args.model_dir or build_bench_models(args.quick_models or default_quick_models(), args.work_dir / "models")
     version = latest_version(model_dir, "iat")
     if version is None:
@@ -182,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     clock_name = "thread CPU time" if args.threads == 1 else "wall time"
     with MachineSampler() as machine:
         for c in cands:
-            inputs = _inputs(eager, args.history, c, rng)
+            inputs = random_request(eager, args.history, c, rng)
             with FlopCounterMode(display=False) as counter:
                 eager.score(*inputs)
             flops = counter.get_total_flops()
@@ -236,10 +242,16 @@ def run(args: argparse.Namespace) -> int:
                  "history_side_mflop": (a["flops"] - per_candidate * a["candidates"]) / 1e6}
     result = {"command": command_line("floor", "harness.bench_floor"), "model_dir": str(model_dir),
               "model": {"version": served.version, "runtime": args.runtime, "max_history": served.max_history},
-              "threads": args.threads, "clock": clock_name, "rows": rows, "flop_split": split,
+              "threads": args.threads, "malloc_keep_mb": keep, "clock": clock_name, "rows": rows, "flop_split": split,
               "peak_gemm": {"gflops": peak[0], "op": peak[1], "shape": list(map(int, peak[2]))},
               "machine": machine.summary()}
     return emit(result, args.json_path, markdown)
+
+
+def _allocator(keep_mb: int) -> str:
+    if keep_mb > 0:
+        return f"freed memory kept mapped as in the services (IAT_MALLOC_KEEP_MB = {keep_mb})"
+    return "glibc's default malloc thresholds (IAT_MALLOC_KEEP_MB = 0: freed activations unmapped)"
 
 
 def markdown(result: dict) -> str:
@@ -247,7 +259,8 @@ def markdown(result: dict) -> str:
     lines = ([machine_markdown(result["machine"]), ""] if result.get("machine") else []) + [
              f"Model `iat` {m['version']} (L = {m['max_history']}), forward in {m['runtime']}, "
              f"{result['threads']} torch thread(s) for the forward and the GEMMs, both timed in "
-             f"{result.get('clock', 'wall time')} (forward wall p50 beside it). FLOPs by "
+             f"{result.get('clock', 'wall time')} (forward wall p50 beside it); " + _allocator(result.get("malloc_keep_mb", 0))
+             + ". FLOPs by "
              "`torch.utils.flop_counter.FlopCounterMode` (eager forward); attainable = the forward's own GEMM "
              "shapes timed alone.", "",
              "| C | L | MFLOP (counter) | GEMM MFLOP (recorded shapes) | GEMM calls (shapes) | attainable GFLOP/s | "

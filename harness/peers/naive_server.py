@@ -19,12 +19,14 @@ def create_app(model_dir: Path, redis_url: str):
 
     from harness.naive import naive_ranking_model
     from models.runtime.loader import latest_version
+    from services.allocator import keep_freed_memory
     from services.config import Settings
     from services.ranking.protocol import ScoreRequestModel
     from services.ranking.registry import ModelRegistry
     from services.stores import instance_store
     from storage.connection import connect
 
+    keep_freed_memory(Settings().malloc_keep_mb)  # as the ranking service does
     model = naive_ranking_model(latest_version(model_dir, "iat"), trace=True)
     model.runtime = "torchscript-naive"
     settings = Settings(redis_url=redis_url)

@@ -11,6 +11,7 @@ import socket
 
 import uvicorn
 
+from services.allocator import keep_freed_memory
 from services.config import Settings
 from services.cpus import configure_torch_threads, report_worker_threads
 from services.health import StoreGuard
@@ -101,6 +102,7 @@ async def serve_async(settings: Settings, host: str, port: int, reuse_port: bool
 def serve_worker(settings: Settings, host: str, port: int, reuse_port: bool = False) -> int:
     # IAT_MODEL_THREADS executor threads per process run forwards concurrently, in each of
     # IAT_RANKING_WORKERS processes: they all share the CPUs
+    keep_freed_memory(settings.malloc_keep_mb)
     configure_torch_threads(settings.torch_threads, workers=settings.model_threads,
                             processes=settings.ranking_workers)
     return asyncio.run(serve_async(settings, host, port, reuse_port))

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from contract.layout import RecordLayout
 from models.runtime.loader import latest_version, load_source_model
 from services import metrics
+from services.allocator import keep_freed_memory
 from services.config import Settings
 from services.cpus import configure_torch_threads, report_worker_threads
 from services.health import StoreGuard, WorkerLiveness, health_router
@@ -215,6 +216,7 @@ class SourceService:
 
 
 def serve(settings: Settings, host: str, port: int) -> int:
+    keep_freed_memory(settings.malloc_keep_mb)
     configure_torch_threads(settings.torch_threads, workers=MODEL_WORKERS)
     service = SourceService(settings)
     log.info("source: model %s %s, HTTP on %s:%d", service.model.name, service.model.version, host, port)

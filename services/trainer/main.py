@@ -13,6 +13,7 @@ import threading
 import uvicorn
 from fastapi import FastAPI
 
+from services.allocator import keep_freed_memory
 from services.config import Settings
 from services.cpus import configure_torch_threads
 from services.health import StoreGuard, WorkerLiveness, health_router, run_supervised, worker_backoff
@@ -64,6 +65,7 @@ class TrainerService:
 
 
 def serve(settings: Settings, host: str, port: int) -> int:
+    keep_freed_memory(settings.malloc_keep_mb)
     configure_torch_threads(settings.torch_threads, workers=1)
     service = TrainerService(settings)
     service.start()
