@@ -9,6 +9,10 @@ our store returns for the same request). They are written to Feast's online stor
 ``ins_id``, one ``Array(Float32)`` feature), then each user's L embeddings are fetched with
 ``get_online_features`` as a Feast deployment would, timed, and the figures printed as JSON.
 Feast has no "sequence before t" read: the InsIDs are given (our read finds them itself).
+
+``--rounds N``: set up once, then time one round per line read from stdin (after printing
+``ready``), one JSON line per round, so that the caller can time its own read between Feast's
+rounds on the same machine minutes (``loadtests/report.py``: the ratio is taken per round).
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ def main() -> int:
     parser.add_argument("--redis", required=True, help="host:port (Feast's connection_string)")
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="interleaved: print 'ready', then time one round per stdin line (0: one round, no prompt)")
     args = parser.parse_args()
 
     import feast
@@ -66,23 +72,35 @@ def main() -> int:
                                           entity_rows=[{"ins_id": int(i)} for i in user["ins_ids"]]).to_dict()
         return np.asarray(reply["embedding"], dtype=np.float32)
 
-    results = []
     for user in data["users"]:
         got = fetch(user)
         expected = np.asarray(user["embeddings"], dtype=np.float32)
         assert got.shape == expected.shape and np.allclose(got, expected), "Feast returned other embeddings"
         for _ in range(args.warmup):
             fetch(user)
-        times = np.empty(args.iterations)
-        for k in range(args.iterations):
-            s = time.perf_counter()
-            fetch(user)
-            times[k] = time.perf_counter() - s
-        ms = times * 1e3
-        results.append({"user": user["user_id"], "length": len(user["ins_ids"]), "p50_ms": float(np.percentile(ms, 50)),
-                        "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
-                        "n": args.iterations, "gc_enabled": gc.isenabled()})
-    print(json.dumps({"feast": feast.__version__, "results": results}))
+
+    def timed_round() -> list[dict]:
+        results = []
+        for user in data["users"]:
+            times = np.empty(args.iterations)
+            for k in range(args.iterations):
+                s = time.perf_counter()
+                fetch(user)
+                times[k] = time.perf_counter() - s
+            ms = times * 1e3
+            results.append({"user": user["user_id"], "length": len(user["ins_ids"]),
+                            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+                            "p99_ms": float(np.percentile(ms, 99)), "n": args.iterations, "gc_enabled": gc.isenabled()})
+        return results
+
+    if not args.rounds:
+        print(json.dumps({"feast": feast.__version__, "results": timed_round()}))
+        return 0
+    print("ready", flush=True)
+    for _ in range(args.rounds):
+        if not sys.stdin.readline():  # the caller went away
+            break
+        print(json.dumps({"feast": feast.__version__, "results": timed_round()}), flush=True)
     return 0
 
 

@@ -151,15 +151,18 @@ def test_report_renders_and_replaces_only_its_section(bench_outputs, tmp_path):
 
     score = json.loads((bench_outputs / "score.json").read_text())
     ingest = json.loads((bench_outputs / "ingest.json").read_text())
-    fetch = {"ours_before": [{"user": "bench-h4", "length": 4, "p50_ms": 0.2, "p95_ms": 0.3, "p99_ms": 0.4}],
-             "ours_after": [{"user": "bench-h4", "length": 4, "p50_ms": 0.2, "p95_ms": 0.3, "p99_ms": 0.4}],
-             "results": [{"user": "bench-h4", "length": 4, "p50_ms": 2.0, "p95_ms": 3.0, "p99_ms": 9.0}], "feast": "x"}
+    def one(p50):
+        return [{"user": "bench-h4", "length": 4, "p50_ms": p50, "p95_ms": 0.3, "p99_ms": 0.4}]
+
+    # three rounds: Feast / ours 10x, 8x, 12x -> the median of the rounds' ratios, 10x, and their range
+    fetch = {"rounds": [{"ours": one(0.2), "feast": one(2.0)}, {"ours": one(0.25), "feast": one(2.0)},
+                        {"ours": one(0.1), "feast": one(1.2)}], "feast": "x"}
     results = {"meta": {"command": "python -m loadtests.report", "date": "today", "cpus": 2, "python": "3.11"},
                "score": score, "ingest": ingest, "fetch": fetch}
     section = render(results)
     assert section.startswith(START) and section.endswith(END)
     assert "grpc p50 / p95 / p99 ms" in section and "Throughput at saturation" in section
-    assert "| bench-h4 | 4 |" in section and "10.0x" in section  # Feast / ours
+    assert "| bench-h4 | 4 | 3 | 0.20 | 2.00 | 10.0x | 8.0-12.0x |" in section  # Feast / ours per round
     assert "Profile of one Score" in section and "| direct | 1 |" in section
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text("# Benchmark results\n\n## Store reads\n\nkeep me\n")
