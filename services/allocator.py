@@ -5,9 +5,9 @@ threshold (128 KiB, adjusted upwards as such blocks are freed) with a fresh mmap
 the free top of a heap to the kernel past its trim threshold. A forward at a few hundred
 candidates allocates and frees activations of 0.2-3 MB dozens of times, so each forward maps
 them anew and touches every page for the first time: measured on the serving-size model at
-C = 500 (`iat bench floor`'s model, one torch thread, a model-worker thread like the service's),
-2,000-3,600 minor page faults per forward and 16 vs 22-28 ms of CPU with them kept
-(loadtests/RESULTS.md, "Page faults per forward").
+C = 500 (one torch thread, in a model-worker thread like the service's; ``python -m
+harness.page_faults``), 1,800-3,600 minor page faults per forward, and 14-19 ms of CPU per forward
+with the blocks kept against 23-27 ms without (loadtests/RESULTS.md, issue 18's reading).
 
 ``keep_freed_memory`` fixes both thresholds (which also turns glibc's dynamic adjustment off):
 blocks up to 32 MiB (glibc's largest mmap threshold on 64-bit) come from the heaps, and up to
