@@ -114,3 +114,31 @@ def test_candidate_order_and_count_are_kept(tmp_path):
     assert cat.shape[0] == multi.shape[0] == num.shape[0] == 1000
     item_col = featurizer.spec.cat_fields.index("iid")
     assert len(set(cat[:5, item_col])) == 5 and (cat[5:10, item_col] == cat[:5, item_col]).all()
+
+
+def test_the_cached_shared_part_equals_encoding_it_anew(tmp_path):
+    """The shared part (user, UTC hour, context) is cached per request key: repeated users,
+    times within and across hours (and days: the weekday), other contexts and numerics all
+    give what a featurizer without the cache gives; a bad context fails every time."""
+    spec = FeatureSpec.from_prepared(_small_dataset(tmp_path))
+    cached, fresh = Featurizer(spec, shared_cache_size=64), Featurizer(spec, shared_cache_size=0)
+    rng = np.random.default_rng(0)
+    t0 = 1_700_000_000_000
+    for _ in range(400):  # more keys than the cache holds, many of them repeated
+        user = f"u{rng.integers(0, 3)}"
+        when = t0 + int(rng.choice([0, 59 * 60_000, 3_600_000, 86_400_000 + 1, -1]))
+        context_cat = {"device": f"d{rng.integers(0, 2)}"} if rng.random() < 0.8 else {}
+        context_num = {"price": float(rng.integers(0, 3))} if rng.random() < 0.5 else {}
+        items = [f"i{k}" for k in rng.integers(0, 5, 3)]
+        args = (user, when, items, context_cat, context_num, [{}] * 3, [{}] * 3)
+        for got, want in zip(cached.encode(*args), fresh.encode(*args)):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+    info = cached._shared.cache_info()
+    assert info.hits > 50 and info.currsize == 64, info  # hits and evictions both happened
+    for _ in range(2):
+        with pytest.raises(FeatureError, match=r"numeric\[price\]: must be a finite number"):
+            cached.encode("u1", t0, ["i1"], {}, {"price": float("nan")}, [{}], [{}])
+        with pytest.raises(FeatureError) as err:
+            cached.encode("u1", t0, ["i1"], {"nope": "1"}, {}, [{}], [{}])
+        assert err.value.field == "context.categorical[nope]"
