@@ -785,7 +785,8 @@ def run(args: argparse.Namespace) -> int:
     from storage.connection import EmbeddedRedis
 
     torch.set_num_threads(args.threads)
-    keep_freed_memory(Settings().malloc_keep_mb)  # as every service process does
+    keep = Settings().malloc_keep_mb
+    keep_freed_memory(keep)  # as every service process does
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     data_dir = args.data_dir or default_data_dir()
@@ -827,7 +828,7 @@ def run(args: argparse.Namespace) -> int:
     result["ratios"] = ratios(result["rows"], result["throughput"])
     result.update({
         "command": command_line("score", "harness.bench_ranking"),
-        "torch": torch.__version__, "threads": args.threads, "malloc_keep_mb": Settings().malloc_keep_mb, "cpus": os.cpu_count(),
+        "torch": torch.__version__, "threads": args.threads, "malloc_keep_mb": keep, "cpus": os.cpu_count(),
         "python": platform.python_version(), "machine": platform.machine(),
         "redis": "embedded (unix socket)" if embedded is not None else "REDIS URL given",
         "model_dir": str(model_dir), "concurrency": args.concurrency, "machine": machine.summary(),

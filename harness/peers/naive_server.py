@@ -26,10 +26,10 @@ def create_app(model_dir: Path, redis_url: str):
     from services.stores import instance_store
     from storage.connection import connect
 
-    keep_freed_memory(Settings().malloc_keep_mb)  # as the ranking service does
+    settings = Settings(redis_url=redis_url)
+    keep_freed_memory(settings.malloc_keep_mb)  # as the ranking service does
     model = naive_ranking_model(latest_version(model_dir, "iat"), trace=True)
     model.runtime = "torchscript-naive"
-    settings = Settings(redis_url=redis_url)
     store = instance_store(connect(redis_url), settings, ModelRegistry(model_dir).record_layout(model))
     app = FastAPI(title="naive IAT peer")
     app.state.model = model
