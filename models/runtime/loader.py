@@ -135,6 +135,35 @@ def _pad_rows(arr: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([arr, np.repeat(arr[:1], n - arr.shape[0], axis=0)])
 
 
+def _held_in_cpp(tensors) -> "torch.ScriptList":
+    """A C++ list holding one more reference to each tensor, kept alive across a forward.
+
+    torch keeps a tensor's Python object alive while C++ code holds the tensor too (in
+    c10/util/intrusive_ptr.h the count's 1 <-> 2 transitions incref and decref the PyObject),
+    and that decref takes the GIL. So every tensor passed from Python into a TorchScript call
+    took the GIL once more when the interpreter let go of it, inside the call, where the GIL had
+    been released: in the ranking service the event loop's thread holds it most of the time,
+    and a forward waited for it once per input. With this second reference, held outside the
+    call, the count never falls to 1 in there."""
+    return torch.jit.script(list(tensors))
+
+
+@torch.jit.script
+def _age_buckets(request: torch.Tensor, ts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The age buckets a user state was encoded at (its reuse key): ``gap_bucket``'s ATen ops in
+    one TorchScript call, so the same values, taking the GIL once instead of once per op (see
+    _held_in_cpp: every torch op called from Python lets go of the GIL and takes it back)."""
+    return gap_bucket(request, torch.where(mask, ts, request))
+
+
+def _to_numpy(probs: torch.Tensor) -> np.ndarray:
+    """float32 numpy of a result, without ``.float().cpu()`` (two more GIL round trips) when it
+    is float32 on the CPU already."""
+    if probs.dtype != torch.float32 or probs.device.type != "cpu":
+        probs = probs.float().cpu()
+    return probs.numpy()
+
+
 class _Loaded:
     name: str
     version: str
@@ -175,7 +204,9 @@ class _Loaded:
 
     def _run(self, *arrays):
         with torch.inference_mode():
-            return self._runner(*(self._tensor(a) for a in arrays))
+            tensors = [self._tensor(a) for a in arrays]
+            held = _held_in_cpp(tensors)  # noqa: F841 - see _held_in_cpp
+            return self._runner(*tensors)
 
 
 @dataclass(eq=False)
@@ -280,8 +311,10 @@ class RankingModel(_Loaded):
         else:
             with torch.inference_mode():
                 state = self._user_state(prepared, request)
-                probs = self._split.score_user(*state, *(self._tensor(a) for a in cands))
-        return probs[:c].float().cpu().numpy()
+                tensors = (*state, *(self._tensor(a) for a in cands))
+                held = _held_in_cpp(tensors)  # noqa: F841 - see _held_in_cpp
+                probs = self._split.score_user(*tensors)
+        return _to_numpy(probs[:c])
 
     @property
     def batches_requests(self) -> bool:
@@ -317,8 +350,8 @@ class RankingModel(_Loaded):
                     counts = [r[2].shape[0] for r in ready]
                     stacked, slots, pad_index = stack_user_states([r[1] for r in ready], counts)
                     cands = [self._tensor(np.concatenate([r[k] for r in ready])) for k in (2, 3, 4)]
-                    probs = self._split.score_users(*stacked, slots.to(self.device), pad_index.to(self.device),
-                                                    *cands).float().cpu().numpy()
+                    probs = _to_numpy(self._split.score_users(*stacked, slots.to(self.device),
+                                                              pad_index.to(self.device), *cands))
                     for (i, *_), start, c in zip(ready, np.cumsum([0, *counts[:-1]]), counts):
                         out[i] = probs[start:start + c]
                 except Exception:  # noqa: BLE001 - the requests alone say which one fails
@@ -335,14 +368,16 @@ class RankingModel(_Loaded):
     def _user_state(self, prepared: PreparedHistory, request: np.ndarray) -> tuple[torch.Tensor, ...]:
         """The encoded user side, reused while the history's age buckets stay the same (the only
         way the request time enters it)."""
-        request_t = torch.from_numpy(request)
         _, _, ts, _, mask = prepared.arrays
-        ts_t = torch.from_numpy(ts)
-        buckets = gap_bucket(request_t, torch.where(torch.from_numpy(mask), ts_t, request_t)).numpy().tobytes()
+        key_inputs = [torch.from_numpy(a) for a in (request, ts, mask)]
+        held = _held_in_cpp(key_inputs)  # noqa: F841 - see _held_in_cpp
+        buckets = _age_buckets(*key_inputs).numpy().tobytes()
         cached = prepared.state
         if cached is not None and cached[0] == buckets:
             return cached[1]
-        state = tuple(self._split.user_state(*(self._tensor(a) for a in prepared.arrays), self._tensor(request)))
+        tensors = [self._tensor(a) for a in (*prepared.arrays, request)]
+        held = _held_in_cpp(tensors)  # noqa: F841 - see _held_in_cpp
+        state = tuple(self._split.user_state(*tensors))
         prepared.state = (buckets, state)  # one tuple assignment: a concurrent reader sees old or new
         return state
 

@@ -143,6 +143,65 @@ def test_a_user_state_is_reused_across_request_times_until_its_age_buckets_move(
     assert not np.allclose(moved, first, atol=1e-6), "the age buckets are inputs: scores must move"
 
 
+class _UseCounts:
+    """Stands in for a runner (or its halves): records each tensor argument's C++ use count at
+    the call, then calls the real one."""
+
+    def __init__(self, runner):
+        self.runner, self.counts = runner, []
+
+    def _record(self, fn):
+        def call(*tensors):
+            self.counts += [t._use_count() for t in tensors]
+            return fn(*tensors)
+        return call
+
+    def __call__(self, *tensors):
+        return self._record(self.runner)(*tensors)
+
+    def __getattr__(self, name):
+        return self._record(getattr(self.runner, name))
+
+
+@pytest.mark.parametrize("halves", [True, False])
+def test_every_tensor_handed_to_torchscript_has_a_second_cpp_reference(serving_run, requests, halves):
+    """A tensor with a Python object whose C++ count falls from 2 to 1 inside a call takes the
+    GIL there (models/runtime/loader.py, _held_in_cpp); each input must be held from outside,
+    for the user/candidate halves and for the one-call forward (AOTI, older artifacts)."""
+    model = load_ranking_model(serving_run[3]["iat"], "torchscript", "cpu")
+    history, t, cat, multi, num = requests[("unknown", "full", 100)]
+    history = history.select(history.timestamps_ms < t)
+    want = model.score(history, t, cat, multi, num)
+    if halves:
+        model._split = recorder = _UseCounts(model._split)
+    else:
+        model._split, model._runner = None, (recorder := _UseCounts(model._runner))
+    prepared = model.prepare(history, t)
+    got = [model.score_prepared(prepared, t, cat, multi, num) for _ in range(2)]  # encoded, then reused
+    for scores in got:
+        np.testing.assert_array_equal(scores, want)
+    assert len(recorder.counts) == (6 + 6 + 3 + 6 + 3 if halves else 2 * 9)
+    assert min(recorder.counts) >= 2, recorder.counts
+
+
+def test_the_age_bucket_key_equals_gap_bucket_at_and_around_every_bucket_edge():
+    """The reuse key (one TorchScript call) and the eager ``gap_bucket`` give the same buckets,
+    in particular where floor(log2(1 + hours)) steps: 1 + hours = 2^k exactly, and 1 ms either side."""
+    from models.nn.downstream import N_GAP_BUCKETS, gap_bucket
+    from models.runtime.loader import _age_buckets
+
+    request = 1_700_000_000_000
+    edges = np.array([(2 ** k - 1) * HOUR_MS for k in range(N_GAP_BUCKETS + 2)], dtype=np.int64)
+    ages = np.unique(np.concatenate([edges - 1, edges, edges + 1, np.random.default_rng(0).integers(0, 2**40, 500)]))
+    ages = ages[ages >= 0]
+    ts = torch.from_numpy(request - ages)
+    mask = torch.from_numpy(np.arange(len(ages)) % 7 != 3)  # masked slots read as age 0
+    request_t = torch.tensor([request])
+    want = gap_bucket(request_t, torch.where(mask, ts, request_t))
+    torch.testing.assert_close(_age_buckets(request_t, ts, mask), want, atol=0, rtol=0)
+    assert set(want.unique().tolist()) == set(range(N_GAP_BUCKETS))
+
+
 def test_an_empty_history_scores_the_same_prepared_or_not(serving_run, loaded, previous):
     data = serving_run[0]
     model = loaded["eager"]["iat"]
