@@ -254,7 +254,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in the served process")
     parser.add_argument("--runtime", default="torchscript", choices=("torchscript", "eager", "aoti"))
     parser.add_argument("--saturation-s", type=float, default=3.0, help="seconds per protocol and cell at saturation; 0 skips")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at saturation")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="requests in flight at saturation (at 4 on 2 cores the service was not saturated: "
+                             "a request spends most of its time outside the forward; loadtests/RESULTS.md)")
     parser.add_argument("--workers", default="1",
                         help="IAT_RANKING_WORKERS of the served process; several counts (e.g. 1,2): also "
                              "gRPC saturation at each, against cores / forward time")
