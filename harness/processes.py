@@ -23,16 +23,17 @@ def free_port() -> int:
 
 class ServiceProcess:
     """``iat <args> --port <http_port>`` with ``env`` added to this process's environment,
-    output appended to ``log_path``."""
+    output appended to ``log_path``; ``cwd``: run another checkout's ``iat`` (``python -m cli``
+    imports the working directory's packages first)."""
 
     def __init__(self, args: list[str], *, log_path: Path, env: dict[str, str] | None = None,
-                 http_port: int | None = None, new_session: bool = False) -> None:
+                 http_port: int | None = None, new_session: bool = False, cwd: Path | None = None) -> None:
         self.http_port = http_port or free_port()
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             IAT + list(args) + ["--port", str(self.http_port)], env={**os.environ, **(env or {})},
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
             # new_session: a terminal's Ctrl-C reaches only the parent, which stops children in order
             start_new_session=new_session,
         )

@@ -15,46 +15,26 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
 from harness.bench_ranking import REQUEST_TIME_MS, MovieLensWorkload, default_data_dir, saturate, seed_histories, to_proto
-from harness.processes import free_port
+from harness.processes import ServiceProcess, free_port
 
 HERE = Path(__file__).resolve().parents[1]
 
 
-def _serve(checkout: Path, model_dir: Path, redis_url: str, workers: int, log: Path) -> tuple[subprocess.Popen, int, int]:
-    grpc_port, http_port = free_port(), free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "IAT_MODEL_DIR": str(model_dir), "IAT_RELOAD_INTERVAL_S": "0",
+def _serve(checkout: Path, model_dir: Path, redis_url: str, workers: int, log: Path) -> tuple[ServiceProcess, int]:
+    """``checkout``'s ranking service (its own packages: run from there, on its PYTHONPATH)."""
+    grpc_port = free_port()
+    env = {"REDIS_URL": redis_url, "IAT_MODEL_DIR": str(model_dir), "IAT_RELOAD_INTERVAL_S": "0",
            "IAT_RUNTIME": "torchscript", "IAT_API_TOKEN": "", "IAT_RANKING_WORKERS": str(workers),
            "PYTHONPATH": str(checkout)}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "ranking", "--host", "127.0.0.1",
-                             "--grpc-port", str(grpc_port), "--port", str(http_port)],
-                            cwd=checkout, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    return proc, grpc_port, http_port
-
-
-def _wait_ready(http_port: int, proc: subprocess.Popen, timeout_s: float = 240.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ranking service exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("ranking service not ready")
+    args = ["serve", "ranking", "--host", "127.0.0.1", "--grpc-port", str(grpc_port)]
+    return ServiceProcess(args, log_path=log, env=env, cwd=checkout), grpc_port
 
 
 def _caller(grpc_port: int, message, concurrency: int):
@@ -88,12 +68,12 @@ def run(args: argparse.Namespace) -> dict:
         user = seed_histories(args.model_dir, redis.url, [args.history], Settings(redis_url=redis.url))[args.history]
         for name, checkout in (("base", args.base), ("this", HERE)):
             procs.append((name, *_serve(checkout.resolve(), args.model_dir, redis.url, args.workers, work / f"{name}.log")))
-        for _, proc, _, http_port in procs:
-            _wait_ready(http_port, proc)
+        for _, proc, _ in procs:
+            proc.wait(timeout_s=240)
         workload = MovieLensWorkload(args.data_dir or default_data_dir())
         message = to_proto(workload.request(user, REQUEST_TIME_MS, args.candidates, np.random.default_rng(0),
                                             context_user=workload.user_ids[0]))
-        calls = {name: _caller(grpc_port, message, args.concurrency) for name, _, grpc_port, _ in procs}
+        calls = {name: _caller(grpc_port, message, args.concurrency) for name, _, grpc_port in procs}
         for call in calls.values():
             saturate(call, args.concurrency, 2.0)  # warm
         rps: dict[str, list[float]] = {name: [] for name in calls}
@@ -101,10 +81,8 @@ def run(args: argparse.Namespace) -> dict:
             for name in (("base", "this") if i % 2 == 0 else ("this", "base")):
                 rps[name].append(saturate(calls[name], args.concurrency, args.slice_s)["rps"])
     finally:
-        for _, proc, *_ in procs:
-            proc.terminate()
-        for _, proc, *_ in procs:
-            proc.wait(60)
+        for _, proc, _ in procs:
+            proc.stop()
         redis.stop()
     ratios = [t / b for t, b in zip(rps["this"], rps["base"])]
     return {"candidates": args.candidates, "history": args.history, "concurrency": args.concurrency,
