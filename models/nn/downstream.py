@@ -40,11 +40,10 @@ class HistoryMemory(NamedTuple):
     mask: torch.Tensor     # [B, 1 + L] (slot 0: a learned always-valid token)
 
 
-def gap_bucket(request_ms: torch.Tensor, hist_ms: torch.Tensor, n_buckets: int = N_GAP_BUCKETS) -> torch.Tensor:
-    """floor(log2(1 + hours between history instance and request)), clipped. (``n_buckets`` an
-    argument so that TorchScript can compile it: a global int is not a value there.)"""
+def gap_bucket(request_ms: torch.Tensor, hist_ms: torch.Tensor) -> torch.Tensor:
+    """floor(log2(1 + hours between history instance and request)), clipped."""
     hours = (request_ms.unsqueeze(-1) - hist_ms).clamp(min=0).double() / 3.6e6
-    return torch.log2(1.0 + hours).floor().long().clamp(0, n_buckets - 1)
+    return torch.log2(1.0 + hours).floor().long().clamp(0, N_GAP_BUCKETS - 1)
 
 
 class IATDownstream(nn.Module):

@@ -42,7 +42,7 @@ from contract.artifacts import (
 )
 from contract.history import History
 from contract.inputs import MIN_DYNAMIC
-from models.nn.downstream import gap_bucket
+from models.nn.downstream import N_GAP_BUCKETS
 from models.runtime.device import cuda_arch, resolve_device
 from models.runtime.featurizer import FeatureSpec, Featurizer
 from models.runtime.modules import build_module, stack_user_states
@@ -148,12 +148,16 @@ def _held_in_cpp(tensors) -> "torch.ScriptList":
     return torch.jit.script(list(tensors))
 
 
-@torch.jit.script
-def _age_buckets(request: torch.Tensor, ts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The age buckets a user state was encoded at (its reuse key): ``gap_bucket``'s ATen ops in
-    one TorchScript call, so the same values, taking the GIL once instead of once per op (see
-    _held_in_cpp: every torch op called from Python lets go of the GIL and takes it back)."""
-    return gap_bucket(request, torch.where(mask, ts, request))
+def _age_buckets(request: np.ndarray, ts: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The age buckets a user state was encoded at (its reuse key): ``gap_bucket``'s arithmetic
+    in numpy, so that the key takes no GIL round trip (see _held_in_cpp: every torch op called
+    from Python lets go of the GIL and takes it back). The same float64 steps give the same
+    buckets: with integer-ms times 1 + hours is a power of two exactly (log2 exact in both) or
+    at least 1 ms (2.8e-7 hours) away from one, which leaves log2 at least 13 last-bit steps from
+    the integer even at the top bucket (2^23 hours), beyond either log2's error (tested at every edge)."""
+    hist = np.where(mask, ts, request)
+    hours = np.maximum(request[:, None] - hist, 0).astype(np.float64) / 3.6e6
+    return np.clip(np.floor(np.log2(1.0 + hours)).astype(np.int64), 0, N_GAP_BUCKETS - 1)
 
 
 def _to_numpy(probs: torch.Tensor) -> np.ndarray:
@@ -369,9 +373,7 @@ class RankingModel(_Loaded):
         """The encoded user side, reused while the history's age buckets stay the same (the only
         way the request time enters it)."""
         _, _, ts, _, mask = prepared.arrays
-        key_inputs = [torch.from_numpy(a) for a in (request, ts, mask)]
-        held = _held_in_cpp(key_inputs)  # noqa: F841 - see _held_in_cpp
-        buckets = _age_buckets(*key_inputs).numpy().tobytes()
+        buckets = _age_buckets(request, ts, mask).tobytes()
         cached = prepared.state
         if cached is not None and cached[0] == buckets:
             return cached[1]
