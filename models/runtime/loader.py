@@ -148,6 +148,12 @@ def _held_in_cpp(tensors) -> "torch.ScriptList":
     return torch.jit.script(list(tensors))
 
 
+def _call_held(fn, *tensors):
+    """``fn(*tensors)`` (a TorchScript runner or method) with the tensors held in C++ for the call."""
+    held = _held_in_cpp(tensors)  # noqa: F841 - alive until fn returns
+    return fn(*tensors)
+
+
 def _age_buckets(request: np.ndarray, ts: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The age buckets a user state was encoded at (its reuse key): ``gap_bucket``'s arithmetic
     in numpy, so that the key takes no GIL round trip (see _held_in_cpp: every torch op called
@@ -208,9 +214,7 @@ class _Loaded:
 
     def _run(self, *arrays):
         with torch.inference_mode():
-            tensors = [self._tensor(a) for a in arrays]
-            held = _held_in_cpp(tensors)  # noqa: F841 - see _held_in_cpp
-            return self._runner(*tensors)
+            return _call_held(self._runner, *(self._tensor(a) for a in arrays))
 
 
 @dataclass(eq=False)
@@ -315,9 +319,7 @@ class RankingModel(_Loaded):
         else:
             with torch.inference_mode():
                 state = self._user_state(prepared, request)
-                tensors = (*state, *(self._tensor(a) for a in cands))
-                held = _held_in_cpp(tensors)  # noqa: F841 - see _held_in_cpp
-                probs = self._split.score_user(*tensors)
+                probs = _call_held(self._split.score_user, *state, *(self._tensor(a) for a in cands))
         return _to_numpy(probs[:c])
 
     @property
@@ -354,8 +356,8 @@ class RankingModel(_Loaded):
                     counts = [r[2].shape[0] for r in ready]
                     stacked, slots, pad_index = stack_user_states([r[1] for r in ready], counts)
                     cands = [self._tensor(np.concatenate([r[k] for r in ready])) for k in (2, 3, 4)]
-                    probs = _to_numpy(self._split.score_users(*stacked, slots.to(self.device),
-                                                              pad_index.to(self.device), *cands))
+                    probs = _to_numpy(_call_held(self._split.score_users, *stacked, slots.to(self.device),
+                                                 pad_index.to(self.device), *cands))
                     for (i, *_), start, c in zip(ready, np.cumsum([0, *counts[:-1]]), counts):
                         out[i] = probs[start:start + c]
                 except Exception:  # noqa: BLE001 - the requests alone say which one fails
@@ -377,9 +379,7 @@ class RankingModel(_Loaded):
         cached = prepared.state
         if cached is not None and cached[0] == buckets:
             return cached[1]
-        tensors = [self._tensor(a) for a in (*prepared.arrays, request)]
-        held = _held_in_cpp(tensors)  # noqa: F841 - see _held_in_cpp
-        state = tuple(self._split.user_state(*tensors))
+        state = tuple(_call_held(self._split.user_state, *(self._tensor(a) for a in (*prepared.arrays, request))))
         prepared.state = (buckets, state)  # one tuple assignment: a concurrent reader sees old or new
         return state
 

@@ -182,6 +182,12 @@ def test_every_tensor_handed_to_torchscript_has_a_second_cpp_reference(serving_r
         np.testing.assert_array_equal(scores, want)
     assert len(recorder.counts) == (6 + 6 + 3 + 6 + 3 if halves else 2 * 9)
     assert min(recorder.counts) >= 2, recorder.counts
+    if halves:  # and the candidates of two requests in one forward (cross-request batching)
+        recorder.counts.clear()
+        batched = model.score_batch([(prepared, t, cat, multi, num), (model.prepare(history, t), t, cat[:5],
+                                                                       multi[:5], num[:5])])
+        np.testing.assert_allclose(batched[0], want, atol=1e-5, rtol=0)
+        assert recorder.counts and min(recorder.counts) >= 2, recorder.counts
 
 
 def test_the_age_bucket_key_equals_gap_bucket_at_and_around_every_bucket_edge():
