@@ -14,13 +14,14 @@ code, so the two differ only in that. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from harness.reporting import command_line, emit
 
 
 def _busy(stop: threading.Event) -> None:
@@ -87,6 +88,14 @@ def measure(model_dir: Path, candidates: list[int], history: int, seconds: float
     return out
 
 
+def markdown(result: dict) -> str:
+    lines = ["| C | n | inputs | alone ms | with a Python-busy thread ms | GIL waits per forward |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['candidates']} | {r['history']} | {r['inputs']} | {r['alone_ms']:.2f} | {r['busy_ms']:.2f} "
+              f"| {r['waits_per_forward']:.1f} |" for r in result["rows"]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, required=True)
@@ -99,14 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = measure(args.model_dir, [int(c) for c in args.candidates.split(",")], args.history, args.seconds,
                    args.rounds, args.unheld)
-    print("| C | n | inputs | alone ms | with a Python-busy thread ms | GIL waits per forward |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['candidates']} | {r['history']} | {r['inputs']} | {r['alone_ms']:.2f} | {r['busy_ms']:.2f} "
-              f"| {r['waits_per_forward']:.1f} |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    return 0
+    return emit({"command": command_line("gil_waits", "harness.gil_waits"), "rows": rows}, args.json, markdown)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import threading
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from harness.bench_ranking import REQUEST_TIME_MS, MovieLensWorkload, default_data_dir, saturate, seed_histories, to_proto
 from harness.processes import ServiceProcess, free_port
+from harness.reporting import command_line, emit
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -90,6 +90,13 @@ def run(args: argparse.Namespace) -> dict:
             "ratio_median": float(np.median(ratios)), "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
+def summary(result: dict) -> str:
+    return (f"C={result['candidates']} n={result['history']}, {result['concurrency']} in flight, "
+            f"{result['workers']} worker(s): base req/s {[round(x) for x in result['rps']['base']]}, "
+            f"this {[round(x) for x in result['rps']['this']]}; this / base median {result['ratio_median']:.3f} "
+            f"(pairs {result['ratio_min']:.2f}-{result['ratio_max']:.2f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, required=True, help="the other checkout")
@@ -104,14 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("loadtests/out/saturation-ab"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    result = run(args)
-    print(f"C={result['candidates']} n={result['history']}, {result['concurrency']} in flight, "
-          f"{result['workers']} worker(s): base req/s {[round(x) for x in result['rps']['base']]}, "
-          f"this {[round(x) for x in result['rps']['this']]}; this / base median {result['ratio_median']:.3f} "
-          f"(pairs {result['ratio_min']:.2f}-{result['ratio_max']:.2f})")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    return 0
+    return emit({"command": command_line("saturation_ab", "harness.saturation_ab"), **run(args)}, args.json, summary)
 
 
 if __name__ == "__main__":
