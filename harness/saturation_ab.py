@@ -30,7 +30,8 @@ HERE = Path(__file__).resolve().parents[1]
 def _serve(checkout: Path, model_dir: Path, redis_url: str, workers: int, log: Path) -> tuple[ServiceProcess, int]:
     """``checkout``'s ranking service (its own packages: run from there, on its PYTHONPATH)."""
     grpc_port = free_port()
-    env = {"REDIS_URL": redis_url, "IAT_MODEL_DIR": str(model_dir), "IAT_RELOAD_INTERVAL_S": "0",
+    # absolute: the other checkout's process runs from there
+    env = {"REDIS_URL": redis_url, "IAT_MODEL_DIR": str(model_dir.resolve()), "IAT_RELOAD_INTERVAL_S": "0",
            "IAT_RUNTIME": "torchscript", "IAT_API_TOKEN": "", "IAT_RANKING_WORKERS": str(workers),
            "PYTHONPATH": str(checkout)}
     args = ["serve", "ranking", "--host", "127.0.0.1", "--grpc-port", str(grpc_port)]

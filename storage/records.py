@@ -320,20 +320,36 @@ class RecordFormat:
         header["n_tasks"], header["dim"], header["code_len"] = len(self.tasks), self.dim, self.code_length
         return header.view("<u8")[0]
 
+    def labels_of(self, blob: bytes, count: int, labels_as_of_ms: int | None = None) -> np.ndarray | None:
+        """``decode(blob, count, labels_as_of_ms).labels`` without decoding anything else, or None
+        when the records are not all of this layout (``decode``'s slow path would drop some).
+        What a reader needs to tell two reads apart when it keeps what it decoded before."""
+        if not count:
+            return np.zeros((0, len(self.tasks)), dtype=np.int8)
+        size = self.record_bytes
+        if len(blob) != count * size:
+            return None
+        leading = np.ndarray((count,), dtype="<u8", buffer=blob, strides=(size,))
+        if not (leading == self._leading_word).all():
+            return None
+        return self._labels(np.frombuffer(blob, dtype=self.record_dtype, count=count), labels_as_of_ms)
+
+    def _labels(self, rows: np.ndarray, labels_as_of_ms: int | None) -> np.ndarray:
+        n_tasks = len(self.tasks)
+        if not n_tasks:
+            return np.zeros((len(rows), 0), dtype=np.int8)
+        shifts = np.arange(n_tasks, dtype=np.uint32)
+        known = ((rows["label_known"][:, None] >> shifts) & 1) == 1
+        value = (rows["label_bits"][:, None] >> shifts) & 1
+        if labels_as_of_ms is not None:
+            arrived = rows["timestamp_ms"][:, None] + rows["label_arrival"].astype(np.int64)
+            known &= arrived < labels_as_of_ms
+        return np.where(known, value, -1).astype(np.int8)
+
     def _columns(self, rows: np.ndarray, embeddings: np.ndarray | None, labels_as_of_ms: int | None = None,
                  incompatible: int = 0) -> History:
         n = len(rows)
-        n_tasks = len(self.tasks)
-        if n_tasks:
-            shifts = np.arange(n_tasks, dtype=np.uint32)
-            known = ((rows["label_known"][:, None] >> shifts) & 1) == 1
-            value = (rows["label_bits"][:, None] >> shifts) & 1
-            if labels_as_of_ms is not None:
-                arrived = rows["timestamp_ms"][:, None] + rows["label_arrival"].astype(np.int64)
-                known &= arrived < labels_as_of_ms
-            labels = np.where(known, value, -1).astype(np.int8)
-        else:
-            labels = np.zeros((n, 0), dtype=np.int8)
+        labels = self._labels(rows, labels_as_of_ms)
         if embeddings is None:
             embeddings = np.zeros((n, self.dim), dtype=np.float32)
         codes = np.array(rows["codes"], dtype=self.code_dtype) if self.code_length else None

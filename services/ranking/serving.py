@@ -124,7 +124,8 @@ class RankingServing:
         read = store.read_history_raw(user_id, before_ms, model.max_history,
                                       expected_source_version=model.manifest.accepted_sources())
         try:
-            return await asyncio.wait_for(read, timeout_s)
+            async with asyncio.timeout(timeout_s):  # no task of its own, unlike wait_for
+                return await read
         except TimeoutError:
             if self.settings.degrade_on_store_error:
                 return None
@@ -140,18 +141,26 @@ class RankingServing:
         """(prepared history, its cache key or None when the cache is off, whether it was a hit)
         of a store reply.
 
-        The store's own decoding of its reply, as read_history does it, always runs (a numpy view,
-        cheap): labels are shown as of ``before_ms`` (a label that arrived later is unknown), so
-        the same records read at two times may carry different labels, and the key holds the
-        decoded labels beside the records' bytes. What the cache saves is preparing and encoding.
+        Labels are shown as of ``before_ms`` (a label that arrived later is unknown), so the same
+        records read at two times may carry different labels: the key holds the labels as the
+        store's decoding gives them beside the records' bytes. On a hit only those are decoded
+        (``labels_of``); the rest of the decoding, the preparing and the encoding are what the
+        cache saves.
         """
         found, missing, mismatch, records = int(reply[0]), int(reply[1]), int(reply[2]), bytes(reply[3])
-        history = self.store_for(model)._history([found, missing, mismatch, records], before_ms)
-        key = (history_key(model, model.max_history, found, records + history.labels.tobytes())
-               if self.histories.enabled else None)
-        entry = self.histories.get(key) if key is not None else None
+        store = self.store_for(model)
+        history, key, entry = None, None, None
+        if self.histories.enabled:
+            labels = store.layout.labels_of(records, found, before_ms)
+            if labels is None:  # records of another layout among them: decoded in full below
+                history = store._history([found, missing, mismatch, records], before_ms)
+                labels = history.labels
+            key = history_key(model, model.max_history, found, records, labels.tobytes())
+            entry = self.histories.get(key)
         hit = entry is not None
         if entry is None:
+            if history is None:
+                history = store._history([found, missing, mismatch, records], before_ms)
             entry = CachedHistory(model.prepare(history, request_time_ms), history.incompatible)
         self._count_skipped(missing, mismatch, entry.incompatible)
         return entry, key, hit

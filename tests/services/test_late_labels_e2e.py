@@ -102,3 +102,38 @@ def test_a_bad_batch_stores_nothing_and_names_the_field(stack):
         assert response.status_code == 422, response.text
         assert field in response.text
     assert history_labels(ranking, user, good["arrival_ms"] + 1_000_000)[ids[3]] == {}
+
+
+def history_cache_lookups(ranking) -> dict[str, float]:
+    text = httpx.get(ranking.base_url + "/metrics", timeout=30).text
+    return {outcome: float(m.group(1)) if (m := re.search(
+        rf'iat_ranking_history_cache_lookups_total{{outcome="{outcome}"}} ([0-9.e+]+)', text)) else 0.0
+        for outcome in ("hit", "miss")}
+
+
+def test_a_score_after_a_label_arrived_does_not_reuse_the_history_read_before_it(stack):
+    """The ranking service's history cache keys on the labels as of the read's bound: the same
+    stored records read just before and just after a label arrived are two histories."""
+    source, ranking, user, mine, ids = stack
+    arrival = max(r["timestamp_ms"] for r in mine) + 10_000  # after every instance: all 4 are history
+    response = post_labels(source, {"user_id": user, "ins_id": ids[2], "labels": {"love": 1}, "arrival_ms": arrival})
+    assert response.status_code == 200, response.text
+
+    def score(request_time_ms: int) -> tuple[list[float], int]:
+        body = {"request_id": "r", "user_id": user, "model": "iat", "request_time_ms": request_time_ms,
+                "candidates": [{"item_id": r["item_id"]} for r in mine]}
+        answer = httpx.post(ranking.base_url + "/v1/score", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["scores"], answer.json()["history_length"]
+
+    start = history_cache_lookups(ranking)
+    score(arrival)                                    # label unknown at T = arrival
+    at_arrival = history_cache_lookups(ranking)
+    assert score(arrival)[1] == 4                     # the same history again: a hit
+    again = history_cache_lookups(ranking)
+    score(arrival + 1)                                # the same records, the label now known: a miss
+    after = history_cache_lookups(ranking)
+    assert at_arrival["miss"] == start["miss"] + 1
+    assert again["hit"] == at_arrival["hit"] + 1 and again["miss"] == at_arrival["miss"]
+    assert after["miss"] == again["miss"] + 1 and after["hit"] == again["hit"]
+    assert history_labels(ranking, user, arrival + 1)[ids[2]].get("love") == 1

@@ -109,9 +109,9 @@ def test_history_cache_stays_within_its_bytes_least_recently_used_first_out():
         return CachedHistory(PreparedHistory((np.zeros(1000, np.uint8),), 1, 0), incompatible=0)
 
     records = b"r" * 24
-    size = len(records) + 1 + 1000 + ENTRY_OVERHEAD_BYTES  # key bytes, arrays, overhead
+    size = len(records) + 1 + 1000 + ENTRY_OVERHEAD_BYTES  # key bytes (records, labels), arrays, overhead
     cache = HistoryCache(3 * size)
-    keys = [("iat", "v1", 256, 1, records + bytes([i])) for i in range(4)]
+    keys = [("iat", "v1", 256, 1, records, bytes([i])) for i in range(4)]
     for key in keys[:3]:
         cache.put(key, entry())
     assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
@@ -120,8 +120,8 @@ def test_history_cache_stays_within_its_bytes_least_recently_used_first_out():
     assert cache.get(keys[1]) is None and all(cache.get(k) is not None for k in (keys[0], keys[2], keys[3]))
     assert cache.nbytes <= cache.max_bytes
     big = CachedHistory(PreparedHistory((np.zeros(10 * size, np.uint8),), 1, 0), incompatible=0)
-    cache.put(("iat", "v1", 256, 1, b"big"), big)  # larger than the whole cache: not kept, nothing evicted
-    assert len(cache) == 3 and cache.get(("iat", "v1", 256, 1, b"big")) is None
+    cache.put(("iat", "v1", 256, 1, b"big", b""), big)  # larger than the whole cache: not kept, nothing evicted
+    assert len(cache) == 3 and cache.get(("iat", "v1", 256, 1, b"big", b"")) is None
     assert not HistoryCache(0).enabled
 
 

@@ -105,3 +105,23 @@ def test_version_1_records_still_read_and_take_late_labels(redis_client):
     assert redis_client.get(key)[0] == 2 and len(redis_client.get(key)) == len(v2)
     assert labels_at(store, T0 + 700)[10] == {"click": -1, "like": 1}
     assert labels_at(store, T0 + 701)[10] == {"click": 1, "like": 1}
+
+
+def test_labels_of_gives_the_decoded_labels_alone_or_none_for_another_layout(redis_client):
+    """What the ranking service's history cache keys on (``RecordFormat.labels_of``): the labels
+    ``decode`` gives as of any time, without decoding the rest; None when a record of another
+    layout is among them (``decode`` then drops it, and the caller decodes in full)."""
+    store, late, _ = make(redis_client, n=3, labels={"like": 1})
+    late.apply([LabelUpdate("u1", 10, {"click": 1}, T0 + 500), LabelUpdate("u1", 12, {"click": 0}, T0 + 2_300)])
+    records = [redis_client.get(store.record_key("u1", i)) for i in (12, 11, 10)]
+    blob, layout = b"".join(records), store.layout
+    for as_of in (None, T0, T0 + 500, T0 + 501, T0 + 1_001, T0 + 2_300, T0 + 2_301, T0 + 10**9):
+        want = layout.decode(blob, 3, as_of).labels
+        got = layout.labels_of(blob, 3, as_of)
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), as_of
+    assert np.array_equal(layout.labels_of(blob, 3, T0 + 1_001), [[-1, -1], [-1, 1], [1, 1]])
+    assert layout.labels_of(b"", 0, T0).shape == (0, len(TASKS))
+    v1 = b"\x01" + records[2][1:HEADER_BYTES] + records[2][HEADER_BYTES + 4 * len(TASKS):]
+    assert layout.labels_of(records[0] + v1, 2, T0 + 501) is None
+    assert layout.decode(records[0] + v1, 2, T0 + 501).labels.shape == (2, len(TASKS))  # the full path reads it
+    assert layout.labels_of(blob[:-1], 3, T0) is None
