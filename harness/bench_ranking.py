@@ -30,8 +30,10 @@ requests in flight for ``--saturation-s`` seconds) for its throughput.
 ``--workers 1,2``: the served process runs IAT_RANKING_WORKERS = the first count; then, for each
 count in turn, a fresh ``iat serve ranking`` with that many workers is driven at saturation over
 gRPC at the largest n, one channel (one connection) per client thread, the connections spread
-evenly over the workers, against the ceiling cores / forward time (forward = the "model" p50 of
-the same cell, at ``--threads``).
+evenly over the workers, against the ceiling cores / forward time (forward = the "model" method
+on the same request, at ``--threads``, timed in this process for a second (at most
+``--saturation-s``) right before and right after that saturation run: the mean of the two p50s, so that the ceiling is taken at the
+machine's speed of those seconds, which on a shared VM drifts by tens of percent in minutes).
 
 Models: ``--model-dir`` serves an export as it is. Without it, a ranking model at the default
 ``ModelConfig`` (L = 256, random weights: latency does not depend on them) is built for the
@@ -336,10 +338,10 @@ def scaling(args, model_dir: Path, redis_url: str, workload: MovieLensWorkload, 
 
     counts = _ints(args.workers, "workers")
     n = max(_ints(args.history, "history"))
-    forward = {(r["candidates"], r["history"]): r["p50_ms"] for r in result["rows"] if r["method"] == "model"}
-    forward_cpu = {(r["candidates"], r["history"]): r.get("thread_cpu_p50_ms") for r in result["rows"]
-                   if r["method"] == "model" and args.threads == 1}  # one thread: its CPU time is all of it
+    rounds = {(r["candidates"], r["history"]): r["p50_ms"] for r in result["rows"] if r["method"] == "model"}
+    clock = ForwardClock(model_dir, redis_url, args.runtime, f"bench-h{n}")
     cpus = available_cpus()
+    redis_pid = _local_redis_pid(redis_url)
     rng = np.random.default_rng(2)
     rows = []
     for workers in counts:
@@ -361,18 +363,32 @@ def scaling(args, model_dir: Path, redis_url: str, workload: MovieLensWorkload, 
                     _, rpc = stub.Score.with_call(message, timeout=120)
                     pids.add(dict(rpc.trailing_metadata()).get("iat-worker-pid"))
 
-                served_cpu = _tree_cpu_seconds(server.proc.pid)
+                forward_before = clock.time(message, min(1.0, args.saturation_s))
+                before = _cpu_accounts(server.proc.pid, redis_pid)
                 sat = saturate(call, args.concurrency, args.saturation_s)
-                served_cpu = _tree_cpu_seconds(server.proc.pid) - served_cpu
+                spent = {k: v - before[k] for k, v in _cpu_accounts(server.proc.pid, redis_pid).items()}
+                forward_after = clock.time(message, min(1.0, args.saturation_s))
+                served_cpu = spent["service"]
                 for channel in channels:
                     channel.close()
                 row = {"workers": workers, "candidates": c, "history": n, **sat, "workers_answering": len(pids),
-                       "cpus": cpus, "forward_p50_ms": forward.get((c, n)), "forward_cpu_ms": forward_cpu.get((c, n)),
+                       "cpus": cpus, "forward_p50_ms": (forward_before[0] + forward_after[0]) / 2,
+                       "forward_before_after_ms": [forward_before[0], forward_after[0]],
+                       "forward_rounds_p50_ms": rounds.get((c, n)),  # the "model" column, minutes earlier
+                       # one thread: its CPU time is all of the forward's
+                       "forward_cpu_ms": (forward_before[1] + forward_after[1]) / 2 if args.threads == 1 else None,
                        "server_cpus": served_cpu / sat["seconds"],
-                       "server_cpu_ms_per_request": 1e3 * served_cpu / max(sat["completed"], 1)}
+                       "server_cpu_ms_per_request": 1e3 * served_cpu / max(sat["completed"], 1),
+                       # where the rest of the machine went: this process is the load generator
+                       "load_generator_cpus": spent["load_generator"] / sat["seconds"],
+                       "redis_cpus": spent["redis"] / sat["seconds"] if redis_pid else None,
+                       "idle_cpus": spent["idle"] / sat["seconds"]}
                 if row["forward_p50_ms"]:
                     row["ceiling_rps"] = cpus / (row["forward_p50_ms"] / 1e3)
                     row["share_of_ceiling"] = sat["rps"] / row["ceiling_rps"]
+                    # the same ceiling on the CPUs the load generator and Redis left to the service
+                    left = cpus - row["load_generator_cpus"] - (row["redis_cpus"] or 0.0)
+                    row["share_of_ceiling_left"] = sat["rps"] / (left / (row["forward_p50_ms"] / 1e3))
                 if row["forward_cpu_ms"]:
                     # the same goal in CPU time, which a shared machine does not inflate: the forward's
                     # share of all the CPU the service spent per request
@@ -385,6 +401,75 @@ def scaling(args, model_dir: Path, redis_url: str, workload: MovieLensWorkload, 
         finally:
             server.stop()
     return rows
+
+
+class ForwardClock:
+    """The "model" method of the latency rounds (``RankingModel.score`` on the arrays of a
+    request, the seeded user's history read once), timed in this process on demand."""
+
+    def __init__(self, model_dir: Path, redis_url: str, runtime: str, user_id: str) -> None:
+        from services.ranking.registry import ModelRegistry
+        from services.stores import instance_store
+        from storage.connection import connect
+
+        registry = ModelRegistry(model_dir, runtime=runtime)
+        registry.refresh()
+        self.model = registry.get("")
+        self.settings = Settings(redis_url=redis_url)
+        client = connect(redis_url)
+        try:
+            store = instance_store(client, self.settings, registry.record_layout(self.model))
+            self.history = store.read_history(user_id, REQUEST_TIME_MS, self.model.max_history,
+                                              expected_source_version=self.model.manifest.accepted_sources())
+        finally:
+            client.close()
+
+    def time(self, message, seconds: float = 1.0) -> tuple[float, float]:
+        """(p50 wall ms, p50 thread CPU ms) of the forward on ``message``'s candidates."""
+        from harness.previous import previous_assemble
+
+        cat, multi, num = previous_assemble(self.model.featurizer, message, self.settings.max_candidates)
+        walls, cpus = [], []
+        self.model.score(self.history, REQUEST_TIME_MS, cat, multi, num)  # warm
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(walls) < 3:
+            s, s_cpu = time.perf_counter(), time.thread_time()
+            self.model.score(self.history, REQUEST_TIME_MS, cat, multi, num)
+            walls.append(time.perf_counter() - s)
+            cpus.append(time.thread_time() - s_cpu)
+        return 1e3 * float(np.median(walls)), 1e3 * float(np.median(cpus))
+
+
+def _local_redis_pid(redis_url: str) -> int | None:
+    """The pid of the Redis server behind ``redis_url`` when it runs on this machine (INFO's
+    process_id, checked against a local process named redis-server), else None."""
+    import psutil
+
+    from storage.connection import connect
+
+    client = connect(redis_url)
+    try:
+        pid = int(client.info("server")["process_id"])
+    except Exception:  # noqa: BLE001 - a cluster or a server that hides INFO: not accounted
+        return None
+    finally:
+        client.close()
+    try:
+        return pid if "redis" in psutil.Process(pid).name() else None
+    except psutil.Error:  # another machine's pid
+        return None
+
+
+def _cpu_accounts(service_pid: int, redis_pid: int | None) -> dict[str, float]:
+    """CPU seconds so far of the service (its process tree), this process (the load generator),
+    the Redis server, and the machine's idle time (all CPUs)."""
+    import psutil
+
+    me = psutil.Process().cpu_times()
+    machine = psutil.cpu_times()
+    return {"service": _tree_cpu_seconds(service_pid), "load_generator": me.user + me.system,
+            "redis": _tree_cpu_seconds(redis_pid) if redis_pid else 0.0,
+            "idle": machine.idle + getattr(machine, "iowait", 0.0)}
 
 
 def _tree_cpu_seconds(pid: int) -> float:
@@ -406,17 +491,29 @@ def _tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def _cpus_cells(r: dict) -> str:
+    """The last four cells of a scaling row (rows of an older JSON have none of them)."""
+    def cpus(key: str) -> str:
+        return "-" if r.get(key) is None else f"{r[key]:.2f}"
+    left = "-" if r.get("share_of_ceiling_left") is None else f"{r['share_of_ceiling_left']:.0%}"
+    return f"{cpus('load_generator_cpus')} | {cpus('redis_cpus')} | {cpus('idle_cpus')} | {left} |"
+
+
 def scaling_markdown(rows: list[dict]) -> str:
     conc = rows[0]["concurrency"]
     lines = [f"gRPC at saturation ({conc} requests in flight, one connection each, spread evenly over the workers) "
              "by IAT_RANKING_WORKERS; "
-             "ceiling = available CPUs / forward p50 (the \"model\" column above, same cell). On a shared machine "
+             "ceiling = available CPUs / forward p50 (the \"model\" method on the same request, timed in the bench "
+             "process for a second right before and right after the saturation run, mean of the two). On a shared machine "
              "the wall-clock ceiling assumes cores this run did not get; the CPU columns state the same goal in "
              "CPU time: service CPU per request (every process of `iat serve ranking`, from psutil) against the "
-             "forward's own thread CPU time (one torch thread).", "",
+             "forward's own thread CPU time (one torch thread). The load generator (this process) and Redis "
+             "run on the same machine: their CPUs and the idle CPUs say where the rest went, and the last "
+             "column is req/s against the ceiling on the CPUs they left (CPUs - load generator - Redis).", "",
              "| workers | C | n | req/s | p50 / p99 ms under load | workers answering | errors | forward p50 ms | "
              "ceiling req/s | req/s / ceiling | service CPUs used | service CPU ms / request | forward CPU ms | "
-             "forward / service CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "forward / service CPU | load generator CPUs | Redis CPUs | idle CPUs | req/s / ceiling on the CPUs left |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['workers']} | {r['candidates']} | {r['history']} | {r['rps']:.1f} | "
                      f"{r.get('loaded_p50_ms', float('nan')):.1f} / {r.get('loaded_p99_ms', float('nan')):.1f} | "
@@ -424,8 +521,9 @@ def scaling_markdown(rows: list[dict]) -> str:
                      + (f"{r['forward_p50_ms']:.2f} | {r['ceiling_rps']:.1f} | {r['share_of_ceiling']:.0%} | "
                         if r.get("forward_p50_ms") else "- | - | - | ")
                      + f"{r['server_cpus']:.2f} | {r['server_cpu_ms_per_request']:.2f} | "
-                     + (f"{r['forward_cpu_ms']:.2f} | {r['forward_share_of_server_cpu']:.0%} |"
-                        if r.get("forward_cpu_ms") else "- | - |"))
+                     + (f"{r['forward_cpu_ms']:.2f} | {r['forward_share_of_server_cpu']:.0%} | "
+                        if r.get("forward_cpu_ms") else "- | - | ")
+                     + _cpus_cells(r))
     by = {(r["workers"], r["candidates"]): r["rps"] for r in rows}
     counts = sorted({r["workers"] for r in rows})
     if len(counts) > 1:

@@ -295,9 +295,12 @@ def goals(results: dict) -> list[str]:
         if "share_of_ceiling" in s:
             cpu = (f"; in CPU time the forward is {s['forward_share_of_server_cpu']:.0%} of the service's CPU per request"
                    if s.get("forward_share_of_server_cpu") else "")
+            rest = (f"; the load generator used {s['load_generator_cpus']:.2f}, Redis {s['redis_cpus']:.2f}, "
+                    f"idle {s['idle_cpus']:.2f}: {s['share_of_ceiling_left']:.0%} of the ceiling on the CPUs left"
+                    if s.get("redis_cpus") is not None and s.get("share_of_ceiling_left") else "")
             out.append(f"- Saturation >= 80% of cores / forward, {s['workers']} worker(s), C = {s['candidates']}: "
                        f"{s['share_of_ceiling']:.0%} ({verdict(s['share_of_ceiling'] >= 0.8)}; {s['rps']:.1f} req/s, "
-                       f"the service used {s['server_cpus']:.2f} of {s['cpus']} CPUs{cpu}).")
+                       f"the service used {s['server_cpus']:.2f} of {s['cpus']} CPUs{rest}{cpu}).")
     by = {(s["workers"], s["candidates"]): s["rps"] for s in scaling}
     counts = sorted({s["workers"] for s in scaling})
     if len(counts) > 1:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,8 @@ def bench_outputs(movielens_models, tmp_path_factory):
     score_cmd = IAT + ["bench", "score", "--quick-models", str(movielens_models.model_dir), "--work-dir", str(root / "score"),
                        "--history-len", "64", "--candidates", "3,7", "--history", "0,4,80", "--budget", "0.05",
                        "--min-reps", "2", "--max-reps", "3", "--warmup", "1", "--saturation-s", "0.3",
-                       "--concurrency", "2", "--json", str(root / "score.json"), "--profile", str(root / "profile.txt")]
+                       "--concurrency", "2", "--workers", "1,2",
+                       "--json", str(root / "score.json"), "--profile", str(root / "profile.txt")]
     done = subprocess.run(score_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     ingest_cmd = IAT + ["bench", "ingest", "--model-dir", str(movielens_models.model_dir), "--work-dir", str(root / "ingest"),
@@ -132,6 +134,13 @@ def test_bench_score_writes_every_cell_method_and_ratio(bench_outputs):
     assert all(t["errors"] == 0 and t["completed"] > 0 for t in result["throughput"])
     assert len(result["ratios"]) == 6 and all(r["grpc_over_floor_p50"] > 0 for r in result["ratios"])
     assert result["profile"]["calls"] >= 20 and (bench_outputs / "profile.txt").stat().st_size > 0
+    # --workers 1,2: each count at saturation at the largest n, the forward timed around each run
+    scaling = {(r["workers"], r["candidates"]): r for r in result["scaling"]}
+    assert set(scaling) == {(w, c) for w in (1, 2) for c in (3, 7)}
+    for (workers, _), row in scaling.items():
+        assert row["history"] == 80 and row["errors"] == 0 and row["workers_answering"] == workers, row
+        assert all(ms > 0 for ms in row["forward_before_after_ms"]) and row["ceiling_rps"] > 0, row
+        assert row["server_cpus"] > 0 and row["load_generator_cpus"] > 0 and row["redis_cpus"] >= 0, row
 
 
 def test_bench_ingest_writes_rates_and_shares(bench_outputs):
@@ -271,3 +280,27 @@ def test_bench_floor_writes_flops_floor_and_per_round_ratios(movielens_models, t
         assert r["naive_flops"] > r["flops"] > 0 and r["attainable_gflops"] > 0
         assert len(r["forward_over_floor_rounds"]) == 3
         assert r["forward_over_floor"] == sorted(r["forward_over_floor_rounds"])[1]
+
+
+def test_saturation_accounts_for_the_service_the_load_generator_redis_and_idle(redis_server, redis_client):
+    """`iat bench score --workers`: where the machine's CPUs went during a saturation run."""
+    from harness.bench_ranking import _cpu_accounts, _cpus_cells, _local_redis_pid
+
+    redis_pid = _local_redis_pid(redis_server)
+    assert redis_pid == int(redis_client.info("server")["process_id"])
+    service = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 60\nwhile time.time() < end: pass"])
+    try:
+        before = _cpu_accounts(service.pid, redis_pid)
+        redis_client.eval("local i = 0 while i < 30000000 do i = i + 1 end return i", 0)  # Redis busy
+        spin = time.thread_time() + 0.3
+        while time.thread_time() < spin:  # this process (the load generator) busy
+            pass
+        after = _cpu_accounts(service.pid, redis_pid)
+    finally:
+        service.kill()
+        service.wait()
+    spent = {k: after[k] - before[k] for k in after}
+    assert spent["redis"] >= 0.05 and spent["load_generator"] >= 0.25 and spent["service"] >= 0.05, spent
+    assert spent["idle"] >= 0.0
+    assert _cpus_cells({"load_generator_cpus": 0.14, "redis_cpus": None, "idle_cpus": 0.2,
+                        "share_of_ceiling_left": 0.7}) == "0.14 | - | 0.20 | 70% |"
