@@ -272,6 +272,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="another Score endpoint speaking the REST JSON, timed alongside (repeatable)")
     parser.add_argument("--grpc-peer", action="append", default=[], metavar="NAME=HOST:PORT",
                         help="another gRPC Score server on the same store, timed every round (repeatable)")
+    parser.add_argument("--peer-pid", action="append", type=int, default=[], metavar="PID",
+                        help="a --peer's process on this machine: its CPU counts as this run's in the machine line")
     parser.add_argument("--peer-candidates", default="100,500", help="cells (candidates) where peers are timed")
     parser.add_argument("--peer-max-reps", type=int, default=12)
     parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
@@ -905,7 +907,9 @@ def run(args: argparse.Namespace) -> int:
         url = embedded.url
     server = None
     methods = set(args.methods.split(","))
-    machine = MachineSampler().start()
+    # processes this run drives but did not start count as its own: a local Redis given by URL, peers
+    local_redis = _local_redis_pid(url) if embedded is None else None
+    machine = MachineSampler(also_own=[*args.peer_pid, *([local_redis] if local_redis else [])]).start()
     try:
         if methods & {"grpc", "rest"}:
             server = RankingProcess(model_dir, url, args.threads, args.runtime, work / "ranking.log",

@@ -16,6 +16,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -59,9 +60,12 @@ def _gpu(torch) -> str | None:
 class MachineSampler:
     """Samples load and CPU use in a daemon thread between ``start()`` and ``stop()``."""
 
-    def __init__(self, interval_s: float = 1.0) -> None:
+    def __init__(self, interval_s: float = 1.0, also_own: Iterable[int] = ()) -> None:
+        """``also_own``: pids of processes this run drives that it did not start (a Redis server
+        or a peer started beside it), counted as this run's, not as another's."""
         self.interval_s = interval_s
         self.root = psutil.Process()
+        self.also_own = set(also_own)
         self.static = describe()
         self.samples: list[dict] = []
         self._cpu_by_pid: dict[int, tuple[float, str]] = {}  # pid -> (cpu seconds, name) at the last sample
@@ -93,9 +97,9 @@ class MachineSampler:
 
     def _own_pids(self) -> set[int]:
         try:
-            return {self.root.pid, *(p.pid for p in self.root.children(recursive=True))}
+            return {self.root.pid, *self.also_own, *(p.pid for p in self.root.children(recursive=True))}
         except psutil.Error:
-            return {self.root.pid}
+            return {self.root.pid, *self.also_own}
 
     def _process_cpu(self) -> dict[int, tuple[float, str]]:
         out = {}

@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--work-dir", str(work / "score"), *shlex.split(args.score_args))
             if "naive" not in skip:
                 naive = _start_naive(model_dir, redis.url, work / "naive.log")
-                score_cmd += ["--peer", f"naive={naive[1]}/v1/score"]
+                score_cmd += ["--peer", f"naive={naive[1]}/v1/score", "--peer-pid", str(naive[0].pid)]
             subprocess.run(score_cmd, check=True)
             results["score"] = json.loads((work / "score.json").read_text())
             results["score"]["command"] = "iat bench score " + " ".join(shlex.quote(a) for a in score_cmd[5:])

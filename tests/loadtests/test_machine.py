@@ -42,3 +42,23 @@ def test_report_prints_the_sampled_machine_instead_of_fixed_text():
     section = render(results)
     assert machine_markdown(results["meta"]["machine"]) in section
     assert "two other busy helpers" not in section
+
+
+def test_a_process_the_run_drives_but_did_not_start_counts_as_its_own():
+    """A Redis server or a peer started beside the bench (the report starts both) is this run's
+    load, not another's: ``also_own``. The busy process here is not a descendant of this one."""
+    started = subprocess.run(["sh", "-c", f"{sys.executable} -c 'import time\nend = time.time() + 60\n"
+                              "while time.time() < end: pass' >/dev/null 2>&1 & echo $!"],
+                             capture_output=True, text=True, check=True)
+    pid = int(started.stdout.strip())
+    try:
+        with MachineSampler(interval_s=0.2) as other, MachineSampler(interval_s=0.2, also_own=[pid]) as own:
+            deadline = time.monotonic() + DEADLINE_S
+            while not (any(s["own_cpus"] > 0.02 for s in own.samples)
+                       and any(s["other_cpus"] > 0.02 for s in other.samples)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        subprocess.run(["kill", "-9", str(pid)], check=False)
+    assert max(s["own_cpus"] for s in own.samples) > 0.02
+    assert max(s["other_cpus"] for s in other.samples) > 0.02
+    assert max(s["own_cpus"] for s in other.samples) < max(s["own_cpus"] for s in own.samples)
