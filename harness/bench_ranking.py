@@ -32,8 +32,10 @@ count in turn, a fresh ``iat serve ranking`` with that many workers is driven at
 gRPC at the largest n, one channel (one connection) per client thread, the connections spread
 evenly over the workers, against the ceiling cores / forward time (forward = the "model" method
 on the same request, at ``--threads``, timed in this process for a second (at most
-``--saturation-s``) right before and right after that saturation run: the mean of the two p50s, so that the ceiling is taken at the
-machine's speed of those seconds, which on a shared VM drifts by tens of percent in minutes).
+``--saturation-s``) right before and right after that saturation run: the mean of the two p50s,
+so that the ceiling is taken at the machine's speed of those seconds, which on a shared VM
+drifts by tens of percent in minutes). Where the machine's CPUs went during the run is stated
+beside it: the service, this process (the load generator), a local Redis, idle.
 
 Models: ``--model-dir`` serves an export as it is. Without it, a ranking model at the default
 ``ModelConfig`` (L = 256, random weights: latency does not depend on them) is built for the

@@ -22,10 +22,11 @@ them). It is exact by construction:
   buckets: ``RankingModel.score_prepared`` re-encodes a cached user state when they moved.
 
 The read still happens on every Score (it is what says whether the history changed); a hit
-skips decoding all but the labels, truncating and padding, and where the runtime has the user-state half (eager,
-TorchScript; not AOTI), the history encoding. Nothing is ever invalidated: a changed history has another key, and the
-stale entry ages out of the LRU. Bounded in bytes (key, arrays and any encoded state counted).
-Used from the event loop's thread only.
+skips decoding all but the labels, truncating and padding, and where the runtime has the
+user-state half (eager, TorchScript; not AOTI), the history encoding. Nothing is ever
+invalidated: a changed history has another key, and the stale entry ages out of the LRU.
+Bounded in bytes (key, arrays and any encoded state counted). Used from the event loop's thread
+only.
 """
 from __future__ import annotations
 
