@@ -301,17 +301,25 @@ class RecordFormat:
     def decode(self, blob: bytes, count: int, labels_as_of_ms: int | None = None) -> History:
         """Columns of ``count`` records joined in ``blob`` (in order). ``labels_as_of_ms``: a
         label that arrived at or after it reads as unknown (-1); None: every stored label."""
-        size = self.record_bytes
-        if count and len(blob) == count * size:
-            rows = np.frombuffer(blob, dtype=self.record_dtype, count=count)
-            # The first 8 bytes (version, codec, flags, n_tasks, dim, code_len) of every record
-            # equal this layout's: one comparison of one uint64 column (a strided view, whatever
-            # the record size) instead of six field comparisons.
-            leading = np.ndarray((count,), dtype="<u8", buffer=blob, strides=(size,))
-            if (leading == self._leading_word).all():
-                return self._columns(rows, self.codec.decode(rows["embedding"], self.dim) if self.dim else None,
-                                     labels_as_of_ms)
+        rows = self._uniform_rows(blob, count)
+        if rows is not None:
+            return self._columns(rows, self.codec.decode(rows["embedding"], self.dim) if self.dim else None,
+                                 labels_as_of_ms)
         return self._decode_mixed(blob, count, labels_as_of_ms)
+
+    def _uniform_rows(self, blob: bytes, count: int) -> np.ndarray | None:
+        """The ``count`` records of ``blob`` as one structured array when every one is of this
+        layout, else None (none, or a layout change under way: ``_decode_mixed`` walks them)."""
+        size = self.record_bytes
+        if not count or len(blob) != count * size:
+            return None
+        # The first 8 bytes (version, codec, flags, n_tasks, dim, code_len) of every record
+        # equal this layout's: one comparison of one uint64 column (a strided view, whatever
+        # the record size) instead of six field comparisons.
+        leading = np.ndarray((count,), dtype="<u8", buffer=blob, strides=(size,))
+        if not (leading == self._leading_word).all():
+            return None
+        return np.frombuffer(blob, dtype=self.record_dtype, count=count)
 
     @cached_property
     def _leading_word(self) -> np.uint64:
@@ -326,13 +334,8 @@ class RecordFormat:
         What a reader needs to tell two reads apart when it keeps what it decoded before."""
         if not count:
             return np.zeros((0, len(self.tasks)), dtype=np.int8)
-        size = self.record_bytes
-        if len(blob) != count * size:
-            return None
-        leading = np.ndarray((count,), dtype="<u8", buffer=blob, strides=(size,))
-        if not (leading == self._leading_word).all():
-            return None
-        return self._labels(np.frombuffer(blob, dtype=self.record_dtype, count=count), labels_as_of_ms)
+        rows = self._uniform_rows(blob, count)
+        return None if rows is None else self._labels(rows, labels_as_of_ms)
 
     def _labels(self, rows: np.ndarray, labels_as_of_ms: int | None) -> np.ndarray:
         n_tasks = len(self.tasks)
