@@ -332,9 +332,11 @@ def saturate(call, concurrency: int, seconds: float) -> dict:
     return out
 
 
-def scaling(args, model_dir: Path, redis_url: str, workload: MovieLensWorkload, result: dict) -> list[dict]:
+def scaling(args, model_dir: Path, redis_url: str, workload: MovieLensWorkload, result: dict,
+            redis_pid: int | None) -> list[dict]:
     """gRPC throughput at saturation with each worker count, at the largest n, against the
-    ceiling available CPUs / forward p50 of the same cell."""
+    ceiling available CPUs / forward p50 of the same cell. ``redis_pid``: the Redis server's,
+    when it runs on this machine (its CPU is accounted)."""
     import grpc
     from iat.ranking.v1 import ranking_pb2_grpc
 
@@ -345,7 +347,6 @@ def scaling(args, model_dir: Path, redis_url: str, workload: MovieLensWorkload, 
     rounds = {(r["candidates"], r["history"]): r["p50_ms"] for r in result["rows"] if r["method"] == "model"}
     clock = ForwardClock(model_dir, redis_url, args.runtime, f"bench-h{n}")
     cpus = available_cpus()
-    redis_pid = _local_redis_pid(redis_url)
     rng = np.random.default_rng(2)
     rows = []
     for workers in counts:
@@ -909,9 +910,10 @@ def run(args: argparse.Namespace) -> int:
         url = embedded.url
     server = None
     methods = set(args.methods.split(","))
-    # processes this run drives but did not start count as its own: a local Redis given by URL, peers
-    local_redis = _local_redis_pid(url) if embedded is None else None
-    machine = MachineSampler(also_own=[*args.peer_pid, *([local_redis] if local_redis else [])]).start()
+    # processes this run drives but did not start count as its own: a local Redis given by URL
+    # (an embedded one is a child already), peers
+    redis_pid = _local_redis_pid(url)
+    machine = MachineSampler(also_own=[*args.peer_pid, *([redis_pid] if redis_pid else [])]).start()
     try:
         if methods & {"grpc", "rest"}:
             server = RankingProcess(model_dir, url, args.threads, args.runtime, work / "ranking.log",
@@ -921,7 +923,7 @@ def run(args: argparse.Namespace) -> int:
             server.stop()
             server = None
         if len(_ints(args.workers, "workers")) > 1 and args.saturation_s > 0:
-            result["scaling"] = scaling(args, model_dir, url, workload, result)
+            result["scaling"] = scaling(args, model_dir, url, workload, result, redis_pid)
         if args.batch_wait_ms and args.saturation_s > 0:
             from harness.bench_batching import batching
             result["batching"] = batching(args, model_dir, url, workload)
